@@ -1,0 +1,83 @@
+"""The agent: the learner update and the acting policy, as functions over tensors.
+
+The update has static shapes and no host syncs (.item(), .cpu(), Python branches on tensor
+values): metrics come back as 0-dim device tensors and are read at log time. That is what lets
+the fast path compile it and capture it in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.behavior import Behavior
+from engine.config import Config
+from engine.optim import Adam
+from engine.world_model import WorldModel
+
+Carry = tuple[Tensor, Tensor, Tensor]  # deter (N, D), stoch (N, L, K), prev action one-hot (N, A)
+
+
+class Agent(nn.Module):
+    def __init__(
+        self, cfg: Config, vector_dim: int, num_actions: int, device: torch.device | str = "cpu"
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.num_actions = num_actions
+        self.wm = WorldModel(cfg, vector_dim, num_actions)
+        self.behavior = Behavior(cfg, num_actions)
+        self.to(device)  # before the optimizers: their state lives beside the parameters
+        t = cfg.train
+        adam = dict(weight_decay=t.weight_decay, eps=t.adam_eps)
+        self.wm_opt = Adam(self.wm.parameters(), t.wm_lr, clip=t.wm_grad_clip, **adam)
+        self.actor_opt = Adam(
+            self.behavior.actor.parameters(), t.actor_lr, clip=t.actor_grad_clip, **adam
+        )
+        self.critic_opt = Adam(
+            self.behavior.critic.parameters(), t.critic_lr, clip=t.critic_grad_clip, **adam
+        )
+
+    def optimizers(self) -> dict[str, Adam]:
+        return {"wm": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+
+    def num_params(self) -> int:
+        """Trainable parameters (the slow critic is a copy, not counted)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ---- Learning ---------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, Tensor], train_behavior: bool) -> dict[str, Tensor]:
+        """One learner update on a replay batch (B, T, ...). Returns 0-dim metric tensors."""
+        t = self.cfg.train
+        loss, metrics, (deter, stoch) = self.wm.loss(batch, (t.beta_pred, t.beta_dyn, t.beta_rep))
+        if self.cfg.general.train_world_model:
+            metrics["wm_grad_norm"] = self.wm_opt.step(loss)
+        if train_behavior:
+            start_cont = (~batch["is_terminal"]).flatten().to(deter.dtype)
+            actor_loss, critic_loss, beh = self.behavior.loss(
+                self.wm, deter.flatten(0, 1), stoch.flatten(0, 1), start_cont, t.actor_entropy_coef
+            )
+            metrics.update(beh)
+            metrics["actor_grad_norm"] = self.actor_opt.step(actor_loss)
+            metrics["critic_grad_norm"] = self.critic_opt.step(critic_loss)
+            self.behavior.update_slow_critic()
+        return metrics
+
+    # ---- Acting -----------------------------------------------------------------------------
+
+    def initial_carry(self, n: int, device: torch.device) -> Carry:
+        deter, stoch = self.wm.initial(n, device)
+        return deter, stoch, torch.zeros(n, self.num_actions, device=device)
+
+    @torch.no_grad()
+    def policy(
+        self, obs: dict[str, Tensor], carry: Carry, greedy: bool = False
+    ) -> tuple[Tensor, Carry]:
+        """One environment step for N envs: obs (N, ...) -> action indices (N,), next carry."""
+        deter, stoch, prev_action = carry
+        token = self.wm.encode(obs)
+        deter, stoch, _ = self.wm.obs_step(deter, stoch, prev_action, token, obs["is_first"])
+        action = self.behavior.act(self.wm.feat(deter, stoch), greedy)
+        return action, (deter, stoch, F.one_hot(action, self.num_actions).to(deter.dtype))

@@ -1,0 +1,149 @@
+"""Behaviour learning in imagination: rollout, lambda-returns, percentile return normalisation,
+the REINFORCE actor and the two-hot critic with a slow EMA copy.
+
+Time-major inside this file: tensors are (H+1, N, ...) for the H imagined steps plus the start.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine import dists
+from engine.config import Config
+from engine.nets import MLP
+
+
+def lambda_returns(reward: Tensor, cont: Tensor, value: Tensor, gamma: float, lam: float) -> Tensor:
+    """TD(lambda) returns over an imagined trajectory, bootstrapped with the last value.
+
+    reward, cont, value: (H+1, N); reward[t] and cont[t] are predicted from state t, i.e. they
+    belong to the step INTO state t (reward[0] is unused). Returns R_0..R_{H-1}, (H, N):
+        R_{H}  = v_H
+        R_t    = r_{t+1} + gamma c_{t+1} ((1 - lam) v_{t+1} + lam R_{t+1})
+    """
+    disc = gamma * cont[1:]
+    interm = reward[1:] + disc * (1 - lam) * value[1:]
+    out = []
+    ret = value[-1]
+    for t in reversed(range(reward.shape[0] - 1)):
+        ret = interm[t] + disc[t] * lam * ret
+        out.append(ret)
+    return torch.stack(out[::-1])
+
+
+class ReturnNorm(nn.Module):
+    """EMA of the 5th and 95th return percentiles; returns are divided by max(limit, P95 - P5).
+
+    Dividing by the range (not a std) keeps small returns unscaled, so the entropy bonus keeps the
+    same meaning whether rewards are sparse or dense (DreamerV3, Hafner et al.)."""
+
+    def __init__(self, rate: float, limit: float):
+        super().__init__()
+        self.rate, self.limit = rate, limit
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, ret: Tensor) -> None:
+        q = torch.quantile(ret.detach().flatten().float(), ret.new_tensor([0.05, 0.95]))
+        # The first batch sets the statistics directly: no host-side branch, so no sync.
+        rate = torch.where(self.initialised, self.rate, 1.0)
+        self.lo.lerp_(q[0], rate)
+        self.hi.lerp_(q[1], rate)
+        self.initialised.fill_(True)
+
+    def scale(self) -> Tensor:
+        return torch.clamp(self.hi - self.lo, min=self.limit)
+
+
+class Behavior(nn.Module):
+    def __init__(self, cfg: Config, num_actions: int):
+        super().__init__()
+        m, t = cfg.models, cfg.train
+        feat, units, layers = cfg.deter + cfg.stoch, m.d_hidden, m.encoder.mlp.n_layers
+        self.num_actions, self.unimix = num_actions, m.unimix
+        self.gamma, self.lam, self.horizon = t.gamma, t.lam, t.num_dream_steps
+        self.slow_rate, self.slow_reg = t.slow_critic_rate, t.slow_critic_reg
+        self.actor = MLP(feat, units, layers, num_actions, outscale=0.01)
+        self.critic = MLP(feat, units, layers, m.num_bins, outscale=0.0)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.retnorm = ReturnNorm(t.retnorm_rate, t.retnorm_limit)
+        self.register_buffer("bins", dists.make_bins(m.num_bins), persistent=False)
+
+    def action_logits(self, feat: Tensor) -> Tensor:
+        """Normalised log-probabilities of the unimix actor."""
+        return dists.unimix_logits(self.actor(feat), self.unimix)
+
+    def act(self, feat: Tensor, greedy: bool = False) -> Tensor:
+        """Action indices (N,)."""
+        logp = self.action_logits(feat)
+        if greedy:
+            return logp.argmax(-1)
+        return dists.sample_index(logp.exp())
+
+    @torch.no_grad()
+    def imagine(self, wm, deter: Tensor, stoch: Tensor) -> tuple[Tensor, Tensor]:
+        """Roll the prior forward `horizon` steps from every start, acting with the actor.
+
+        No gradient flows through the rollout: for discrete actions the actor learns by REINFORCE
+        and the critic regresses targets, so the world model is not trained through it.
+        Returns feats (H+1, N, F) and one-hot actions (H, N, A), action[t] taken in state t."""
+        feats, actions = [wm.feat(deter, stoch)], []
+        for _ in range(self.horizon):
+            action = F.one_hot(self.act(feats[-1]), self.num_actions).to(deter.dtype)
+            deter, stoch = wm.img_step(deter, stoch, action)
+            feats.append(wm.feat(deter, stoch))
+            actions.append(action)
+        return torch.stack(feats), torch.stack(actions)
+
+    def loss(
+        self, wm, deter: Tensor, stoch: Tensor, start_cont: Tensor, entropy_coef: float
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Actor and critic losses from posterior starts (N, ...). start_cont: (N,) 1 - terminal."""
+        feats, actions = self.imagine(wm, deter, stoch)
+        critic_logits = self.critic(feats)  # one pass: its detached mean is the value estimate
+        with torch.no_grad():
+            reward = dists.twohot_mean(wm.reward_head(feats), self.bins)
+            cont = torch.sigmoid(wm.cont_head(feats).squeeze(-1))
+            cont = torch.cat([start_cont[None], cont[1:]])  # the start's continue flag is known
+            value = dists.twohot_mean(critic_logits.detach(), self.bins)
+            slow_value = dists.twohot_mean(self.slow_critic(feats[:-1]), self.bins)
+            ret = lambda_returns(reward, cont, value, self.gamma, self.lam)  # (H, N)
+            # Imagined steps count by the probability the episode is still running.
+            weight = torch.cumprod(self.gamma * cont, 0)[:-1] / self.gamma
+            self.retnorm.update(ret)
+            adv = (ret - value[:-1]) / self.retnorm.scale()
+            # Return target and slow-critic regulariser share one cross-entropy: the loss is
+            # linear in the target distribution.
+            target = dists.twohot(ret, self.bins) + self.slow_reg * dists.twohot(
+                slow_value, self.bins
+            )
+
+        logp = self.action_logits(feats[:-1])  # (H, N, A)
+        logpi = (logp * actions).sum(-1)
+        entropy = dists.categorical_entropy(logp)
+        actor_loss = -(weight * (logpi * adv + entropy_coef * entropy)).mean()
+        critic_ce = -(target * F.log_softmax(critic_logits[:-1], -1)).sum(-1)
+        critic_loss = (weight * critic_ce).mean()
+        metrics = dict(
+            actor_loss=actor_loss.detach(),
+            actor_entropy=entropy.mean().detach(),
+            critic_loss=critic_loss.detach(),
+            dream_reward=reward[1:].mean(),
+            dream_value=value.mean(),
+            dream_return=ret.mean(),
+            dream_cont=cont[1:].mean(),
+            return_scale=self.retnorm.scale(),
+            advantage_std=adv.std(),
+        )
+        return actor_loss, critic_loss, metrics
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters(), strict=True):
+            slow.lerp_(fast, self.slow_rate)

@@ -1,0 +1,433 @@
+"""One typed config tree: dataclasses loaded from TOML or the archive's JSON, `--set` overrides,
+validated once at the edge with messages that name the file and the key.
+
+Sections follow the user's archive (`general`, `models`, `train`) plus `env` and `log`.
+DESIGN.md §2 maps the archive's keys onto DreamerV3 sizes: `d_hidden` 256 is the official
+`size12m` (deter 2048 = 256 x hidden_dim_ratio 8), 64 is `size1m`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(Exception):
+    """A bad config: the message is one line naming the file and the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# The tree. Every key of the archive's "Final Recommended Configuration" exists with its meaning.
+
+
+@dataclass
+class GeneralConfig:
+    seed: int = 0
+    """Seeds torch, numpy and the environments; a CPU run with the same seed is reproducible."""
+    device: str = "auto"
+    """auto | cpu | cuda. auto and an unavailable cuda fall back to the CPU with a notice."""
+    train_world_model: bool = True
+    """False freezes the world model (e.g. to fine-tune the behaviour of a loaded agent)."""
+    threads: int = 0
+    """torch intra-op threads on the CPU; 0 leaves torch's default (one per core)."""
+
+
+@dataclass
+class EnvConfig:
+    name: str = "CartPole-v1"
+    """CartPole-v1 | LunarLander-v3."""
+    backend: str = "envpool"
+    """envpool | gymnasium (gymnasium's vector envs, where envpool cannot be installed)."""
+    num_envs: int = 16
+    """Parallel training environments."""
+    image: bool = True
+    """Observe the 64x64 RGB frame."""
+    vector: bool = True
+    """Observe the state vector."""
+
+
+@dataclass
+class CNNConfig:
+    num_layers: int = 4
+    """Strided conv layers; each halves the resolution (64 -> 4 with 4 layers)."""
+    stride: int = 2
+    kernel_size: int = 2
+    activation: str = "sigmoid"
+    """Output squashing of the image decoder: sigmoid (pixels in [0, 1]) | none."""
+    target_size: list[int] = field(default_factory=lambda: [64, 64])
+    """Frame size (height, width) the environment renders."""
+
+
+@dataclass
+class MLPConfig:
+    hidden_dim_ratio: int = 8
+    """Recurrent (deter) size = d_hidden x this ratio."""
+    n_layers: int = 3
+    """Hidden layers of the vector encoder/decoder, actor and critic MLPs."""
+    latent_categories: int = 16
+    """Classes per categorical latent."""
+    latents: int = 32
+    """Number of categorical latents."""
+
+
+@dataclass
+class EncoderConfig:
+    cnn: CNNConfig = field(default_factory=CNNConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+
+
+@dataclass
+class RNNConfig:
+    n_blocks: int = 4
+    """Blocks of the block-diagonal GRU; deter size must divide by it."""
+
+
+@dataclass
+class ModelsConfig:
+    d_hidden: int = 256
+    """MLP units and RSSM hidden width; CNN channels start at d_hidden/8 and double."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    rnn: RNNConfig = field(default_factory=RNNConfig)
+    unimix: float = 0.01
+    """Uniform mixture of the categorical latents and the actor."""
+    free_bits: float = 1.0
+    """KL free nats, clipping each time step's KL summed over all latents."""
+    num_bins: int = 255
+    """Bins of the symlog two-hot reward and critic outputs."""
+    head_layers: int = 1
+    """Hidden layers of the reward and continue heads (official DreamerV3: 1)."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8
+    sequence_length: int = 25
+    max_train_steps: int = 5000
+    """Learner updates; the run ends there (or at max_env_steps)."""
+    max_env_steps: int = 0
+    """Stop after this many environment steps; 0 = no limit."""
+    num_dream_steps: int = 15
+    """Imagination horizon."""
+    gamma: float = 0.99
+    lam: float = 0.95
+    wm_lr: float = 1e-4
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-4
+    weight_decay: float = 1e-6
+    adam_eps: float = 1e-8
+    wm_grad_clip: float = 1000.0
+    """Global-norm gradient clipping of the world model; 0 disables."""
+    actor_grad_clip: float = 100.0
+    critic_grad_clip: float = 100.0
+    actor_warmup_steps: int = 1000
+    """World-model-only updates before the actor and critic start training."""
+    bootstrap_steps: int = 10000
+    """Environment steps of random-policy data collected before training starts."""
+    min_buffer_episodes: int = 0
+    """Also wait for this many finished episodes in the buffer before training."""
+    replay_buffer_size: int = 100_000
+    """Capacity in environment steps (all environments together)."""
+    train_ratio: float = 32.0
+    """Replayed steps (batch x length) per environment step."""
+    actor_entropy_coef: float = 0.01
+    beta_pred: float = 0.99
+    beta_dyn: float = 0.99
+    beta_rep: float = 0.99
+    slow_critic_rate: float = 0.02
+    """EMA rate of the slow critic copy."""
+    slow_critic_reg: float = 1.0
+    """Weight of the critic's regulariser towards the slow critic."""
+    retnorm_rate: float = 0.01
+    """EMA rate of the 5th/95th return percentiles."""
+    retnorm_limit: float = 1.0
+    """Returns are divided by max(limit, P95 - P5)."""
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 100
+    """Learner updates between metric lines."""
+    eval_every: int = 1000
+    """Learner updates between evaluations; 0 disables."""
+    eval_episodes: int = 10
+    eval_policy: str = "mode"
+    """mode (greedy action) | sample."""
+    checkpoint_every: int = 1000
+    """Learner updates between checkpoints (latest is always written at the end)."""
+    progress: bool = True
+    """Progress bar on the terminal (never when stderr is not a TTY)."""
+
+
+@dataclass
+class Config:
+    general: GeneralConfig = field(default_factory=GeneralConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    name: str = "run"
+    """Config name (the file's stem); run directories are named after it."""
+
+    # Derived sizes, so every module reads one definition.
+    @property
+    def deter(self) -> int:
+        return self.models.d_hidden * self.models.encoder.mlp.hidden_dim_ratio
+
+    @property
+    def stoch(self) -> int:
+        mlp = self.models.encoder.mlp
+        return mlp.latents * mlp.latent_categories
+
+    @property
+    def image_size(self) -> int | None:
+        return self.models.encoder.cnn.target_size[0] if self.env.image else None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, validation.
+
+TASKS = ("CartPole-v1", "LunarLander-v3")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a .toml or the archive's .json config, apply `KEY=VALUE` overrides, validate."""
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{src}: file not found")
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(path.read_text())
+        else:
+            raw = tomllib.loads(path.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{src}: malformed {path.suffix.lstrip('.') or 'toml'}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: top level must be a table of sections")
+    raw.setdefault("name", path.stem)
+    cfg = _build(Config, raw, src, "")
+    apply_overrides(cfg, overrides)
+    validate(cfg, src)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    """`train.batch_size=16`: the value is parsed as TOML (bare words count as strings)."""
+    for item in overrides:
+        src = f"--set {item}"
+        if "=" not in item:
+            raise ConfigError(f"{src}: expected KEY=VALUE")
+        key, text = (s.strip() for s in item.split("=", 1))
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        node = cfg
+        for i, part in enumerate(parents):
+            if not dataclasses.is_dataclass(node) or part not in _field_types(type(node)):
+                raise ConfigError(f"{src}: unknown key '{'.'.join(parents[: i + 1])}'")
+            node = getattr(node, part)
+        types = _field_types(type(node)) if dataclasses.is_dataclass(node) else {}
+        if leaf not in types or dataclasses.is_dataclass(getattr(node, leaf)):
+            raise ConfigError(f"{src}: unknown key '{key}'")
+        setattr(node, leaf, _coerce(value, types[leaf], src, key))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, raw: Any, src: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: '{prefix.rstrip('.')}' must be a table")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        name = prefix + key
+        if key not in types:
+            raise ConfigError(f"{src}: unknown key '{name}'")
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, src, name + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, src, name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, src: str, key: str) -> Any:
+    """Check a value against its declared type; ints are accepted where floats are declared."""
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{src}: '{key}' is a section, not a value")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{src}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, src, key) for v in value]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise ConfigError(f"{src}: '{key}' must be {tp.__name__}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def validate(cfg: Config, src: str = "config") -> None:
+    """Range and consistency checks, once, so the trainer can trust every value."""
+    g, e, m, t, lg = cfg.general, cfg.env, cfg.models, cfg.train, cfg.log
+    cnn, mlp = m.encoder.cnn, m.encoder.mlp
+
+    def need(ok: bool, key: str, what: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{src}: '{key}' {what}, got {value!r}")
+
+    need(g.device in ("auto", "cpu", "cuda"), "general.device", "must be auto|cpu|cuda", g.device)
+    need(g.threads >= 0, "general.threads", "must be >= 0", g.threads)
+    need(e.name in TASKS, "env.name", f"unknown environment (known: {', '.join(TASKS)})", e.name)
+    need(
+        e.backend in ("envpool", "gymnasium"), "env.backend", "must be envpool|gymnasium", e.backend
+    )
+    need(e.num_envs >= 1, "env.num_envs", "must be >= 1", e.num_envs)
+    need(e.image or e.vector, "env.image", "and env.vector cannot both be false", e.image)
+
+    need(
+        m.d_hidden >= 8 and m.d_hidden % 8 == 0,
+        "models.d_hidden",
+        "must be a multiple of 8 >= 8",
+        m.d_hidden,
+    )
+    need(cnn.num_layers >= 1, "models.encoder.cnn.num_layers", "must be >= 1", cnn.num_layers)
+    need(cnn.stride == 2, "models.encoder.cnn.stride", "must be 2 (each layer halves)", cnn.stride)
+    need(
+        2 <= cnn.kernel_size <= 7,
+        "models.encoder.cnn.kernel_size",
+        "must be in 2..7",
+        cnn.kernel_size,
+    )
+    need(
+        cnn.activation in ("sigmoid", "none"),
+        "models.encoder.cnn.activation",
+        "must be sigmoid|none",
+        cnn.activation,
+    )
+    ts = cnn.target_size
+    need(
+        len(ts) == 2 and ts[0] == ts[1],
+        "models.encoder.cnn.target_size",
+        "must be a square [size, size]",
+        ts,
+    )
+    need(
+        ts[0] % (2**cnn.num_layers) == 0 and ts[0] // 2**cnn.num_layers >= 2,
+        "models.encoder.cnn.target_size",
+        "must divide by 2^num_layers leaving >= 2 px",
+        ts,
+    )
+    need(
+        mlp.hidden_dim_ratio >= 1,
+        "models.encoder.mlp.hidden_dim_ratio",
+        "must be >= 1",
+        mlp.hidden_dim_ratio,
+    )
+    need(mlp.n_layers >= 1, "models.encoder.mlp.n_layers", "must be >= 1", mlp.n_layers)
+    need(
+        mlp.latent_categories >= 2,
+        "models.encoder.mlp.latent_categories",
+        "must be >= 2",
+        mlp.latent_categories,
+    )
+    need(mlp.latents >= 1, "models.encoder.mlp.latents", "must be >= 1", mlp.latents)
+    need(
+        m.rnn.n_blocks >= 1 and cfg.deter % m.rnn.n_blocks == 0,
+        "models.rnn.n_blocks",
+        f"must be >= 1 and divide the deter size {cfg.deter}",
+        m.rnn.n_blocks,
+    )
+    need(0 <= m.unimix < 1, "models.unimix", "must be in [0, 1)", m.unimix)
+    need(m.free_bits >= 0, "models.free_bits", "must be >= 0", m.free_bits)
+    need(
+        m.num_bins >= 3 and m.num_bins % 2 == 1,
+        "models.num_bins",
+        "must be odd and >= 3",
+        m.num_bins,
+    )
+    need(m.head_layers >= 0, "models.head_layers", "must be >= 0", m.head_layers)
+
+    for key in ("batch_size", "sequence_length", "num_dream_steps", "replay_buffer_size"):
+        need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
+    need(t.sequence_length >= 2, "train.sequence_length", "must be >= 2", t.sequence_length)
+    for key in (
+        "max_train_steps",
+        "max_env_steps",
+        "actor_warmup_steps",
+        "bootstrap_steps",
+        "min_buffer_episodes",
+    ):
+        need(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", getattr(t, key))
+    need(0 < t.gamma <= 1, "train.gamma", "must be in (0, 1]", t.gamma)
+    need(0 <= t.lam <= 1, "train.lam", "must be in [0, 1]", t.lam)
+    for key in ("wm_lr", "actor_lr", "critic_lr"):
+        v = getattr(t, key)
+        need(math.isfinite(v) and 0 < v < 1, f"train.{key}", "must be in (0, 1)", v)
+    for key in (
+        "weight_decay",
+        "wm_grad_clip",
+        "actor_grad_clip",
+        "critic_grad_clip",
+        "actor_entropy_coef",
+        "beta_pred",
+        "beta_dyn",
+        "beta_rep",
+        "slow_critic_reg",
+    ):
+        v = getattr(t, key)
+        need(math.isfinite(v) and v >= 0, f"train.{key}", "must be finite and >= 0", v)
+    need(t.adam_eps > 0, "train.adam_eps", "must be > 0", t.adam_eps)
+    need(t.train_ratio > 0, "train.train_ratio", "must be > 0", t.train_ratio)
+    for key in ("slow_critic_rate", "retnorm_rate"):
+        need(0 < getattr(t, key) <= 1, f"train.{key}", "must be in (0, 1]", getattr(t, key))
+    need(t.retnorm_limit > 0, "train.retnorm_limit", "must be > 0", t.retnorm_limit)
+    need(
+        t.replay_buffer_size >= e.num_envs * (t.sequence_length + 1),
+        "train.replay_buffer_size",
+        f"must hold at least num_envs x (sequence_length + 1) = "
+        f"{e.num_envs * (t.sequence_length + 1)} steps",
+        t.replay_buffer_size,
+    )
+
+    for key in ("log_every", "eval_episodes", "checkpoint_every"):
+        need(getattr(lg, key) >= 1, f"log.{key}", "must be >= 1", getattr(lg, key))
+    need(lg.eval_every >= 0, "log.eval_every", "must be >= 0", lg.eval_every)
+    need(
+        lg.eval_policy in ("mode", "sample"),
+        "log.eval_policy",
+        "must be mode|sample",
+        lg.eval_policy,
+    )
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(raw: dict[str, Any], src: str = "checkpoint") -> Config:
+    cfg = _build(Config, raw, src, "")
+    validate(cfg, src)
+    return cfg
+
+
+def save_toml(cfg: Config, path: Path) -> None:
+    path.write_text(tomli_w.dumps(to_dict(cfg)))

@@ -1,0 +1,197 @@
+"""Network building blocks: linear layers with DreamerV3's init, RMSNorm, MLPs, the block-diagonal
+GRU core, and the CNN encoder/decoder for 64x64 frames.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def trunc_normal_in_(weight: Tensor, fan_in: int, scale: float = 1.0) -> None:
+    """Truncated normal with variance scale/fan_in (official `trunc_normal_in`); scale 0 = zeros."""
+    if scale == 0:
+        nn.init.zeros_(weight)
+        return
+    # 0.8796 is the std of a unit normal truncated at +-2; dividing restores the intended variance.
+    std = math.sqrt(scale / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class Linear(nn.Linear):
+    def __init__(self, n_in: int, n_out: int, bias: bool = True, outscale: float = 1.0):
+        super().__init__(n_in, n_out, bias)
+        trunc_normal_in_(self.weight, n_in, outscale)
+        if bias:
+            nn.init.zeros_(self.bias)
+
+
+class RMSNorm(nn.Module):
+    """Normalises the last dim (or dim 1 for NCHW feature maps with channel_dim=1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-4, channel_dim: int = -1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.channel_dim = channel_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        ms = x.float().square().mean(self.channel_dim, keepdim=True)
+        w = self.weight if self.channel_dim == -1 else self.weight[:, None, None]
+        return (x * torch.rsqrt(ms + self.eps)).to(x.dtype) * w
+
+
+class DenseAct(nn.Sequential):
+    """Linear -> RMSNorm -> SiLU, the unit of every DreamerV3 MLP."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__(Linear(n_in, n_out), RMSNorm(n_out), nn.SiLU())
+
+
+class MLP(nn.Module):
+    """`layers` hidden DenseAct layers, then an optional output Linear (outscale 0 = zero init)."""
+
+    def __init__(
+        self, n_in: int, units: int, layers: int, n_out: int | None = None, outscale: float = 1.0
+    ):
+        super().__init__()
+        dims = [n_in] + [units] * layers
+        self.hidden = nn.Sequential(*[DenseAct(a, b) for a, b in zip(dims[:-1], dims[1:])])
+        self.out = Linear(dims[-1], n_out, outscale=outscale) if n_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.hidden(x)
+        return self.out(x) if self.out is not None else x
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear map: G independent (in/G -> out/G) matrices, one batched matmul."""
+
+    def __init__(self, n_in: int, n_out: int, blocks: int):
+        super().__init__()
+        assert n_in % blocks == 0 and n_out % blocks == 0, (n_in, n_out, blocks)
+        self.blocks = blocks
+        self.weight = nn.Parameter(torch.empty(blocks, n_in // blocks, n_out // blocks))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+        trunc_normal_in_(self.weight, n_in // blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks).transpose(0, 1)  # (G, N, in/G)
+        y = torch.bmm(x, self.weight).transpose(0, 1)  # (N, G, out/G)
+        return y.reshape(*lead, -1) + self.bias
+
+
+class BlockGRU(nn.Module):
+    """The RSSM's recurrent core (official `_core`): deter, stoch, action -> next deter.
+
+    Inputs are embedded separately, broadcast to every block beside that block's slice of deter,
+    mixed by one block-diagonal layer, then a block-diagonal GRU with the update gate biased by -1
+    (the state changes slowly at init).
+    """
+
+    def __init__(self, deter: int, stoch: int, num_actions: int, hidden: int, blocks: int):
+        super().__init__()
+        self.deter, self.blocks = deter, blocks
+        self.in_deter = DenseAct(deter, hidden)
+        self.in_stoch = DenseAct(stoch, hidden)
+        self.in_action = DenseAct(num_actions, hidden)
+        self.hid = BlockLinear(deter + blocks * 3 * hidden, deter, blocks)
+        self.hid_norm = RMSNorm(deter)
+        self.gru = BlockLinear(deter, 3 * deter, blocks)
+
+    def forward(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:
+        g = self.blocks
+        x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
+        x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])  # (N, G, 3H)
+        x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1).flatten(-2)
+        x = F.silu(self.hid_norm(self.hid(x)))
+        gates = self.gru(x).reshape(*deter.shape[:-1], g, 3, -1)  # per block: reset, cand, update
+        reset, cand, update = (gates[..., i, :].flatten(-2) for i in range(3))
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1)
+        return update * cand + (1 - update) * deter
+
+
+def _conv_padding(kernel: int) -> int:
+    return (kernel - 1) // 2
+
+
+class ImageEncoder(nn.Module):
+    """Strided convs, each halving the resolution, RMSNorm over channels + SiLU. Flattened out."""
+
+    def __init__(self, channels: list[int], kernel: int, size: int):
+        super().__init__()
+        layers, c_in = [], 3
+        for c in channels:
+            conv = nn.Conv2d(c_in, c, kernel, 2, _conv_padding(kernel))
+            trunc_normal_in_(conv.weight, c_in * kernel * kernel)
+            nn.init.zeros_(conv.bias)
+            layers += [conv, RMSNorm(c, channel_dim=1), nn.SiLU()]
+            c_in = c
+        self.net = nn.Sequential(*layers)
+        self.out_dim = channels[-1] * (size // 2 ** len(channels)) ** 2
+
+    def forward(self, image: Tensor) -> Tensor:
+        x = image.permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (N, 3, H, W) centred
+        return self.net(x).flatten(1)
+
+
+class ImageDecoder(nn.Module):
+    """Mirror of the encoder with transposed convs; pixels in [0, 1] through a sigmoid.
+
+    The first spatial map comes from a block-linear map of deter plus a small MLP of stoch
+    (official `bspace`): a dense (deter + stoch) -> 4x4xC layer would be 10.5M parameters at d256,
+    as many as the rest of the model.
+    """
+
+    def __init__(
+        self,
+        deter: int,
+        stoch: int,
+        units: int,
+        channels: list[int],
+        kernel: int,
+        size: int,
+        sigmoid: bool,
+        blocks: int = 8,
+    ):
+        super().__init__()
+        self.min_res = size // 2 ** len(channels)
+        self.c_last = channels[-1]
+        space = self.min_res**2 * self.c_last
+        self.blocks = math.gcd(blocks, self.c_last, deter)
+        self.from_deter = BlockLinear(deter, space, self.blocks)
+        self.from_stoch = nn.Sequential(DenseAct(stoch, units), Linear(units, space))
+        self.space_norm = RMSNorm(self.c_last, channel_dim=1)
+        layers = []
+        outs = list(reversed(channels[:-1])) + [3]
+        c_in, pad = self.c_last, _conv_padding(kernel)
+        for i, c in enumerate(outs):
+            conv = nn.ConvTranspose2d(c_in, c, kernel, 2, pad, output_padding=2 - kernel + 2 * pad)
+            trunc_normal_in_(conv.weight, c_in * kernel * kernel // 4)
+            nn.init.zeros_(conv.bias)
+            layers.append(conv)
+            if i < len(outs) - 1:
+                layers += [RMSNorm(c, channel_dim=1), nn.SiLU()]
+            c_in = c
+        self.net = nn.Sequential(*layers)
+        self.sigmoid = sigmoid
+
+    def forward(self, deter: Tensor, stoch: Tensor) -> Tensor:
+        """(N, deter), (N, stoch) -> (N, 3, H, W)."""
+        n, r, g = deter.shape[0], self.min_res, self.blocks
+        x0 = self.from_deter(deter).reshape(n, g, r, r, self.c_last // g)
+        x0 = x0.permute(0, 1, 4, 2, 3).reshape(n, self.c_last, r, r)  # blocks own channel groups
+        x1 = self.from_stoch(stoch).reshape(n, self.c_last, r, r)
+        x = self.net(F.silu(self.space_norm(x0 + x1)))
+        return torch.sigmoid(x) if self.sigmoid else x
+
+
+def cnn_channels(d_hidden: int, num_layers: int) -> list[int]:
+    """Channels start at d_hidden/8 and double per layer (DESIGN.md §2): d256 -> 32..256."""
+    return [d_hidden // 8 * 2**i for i in range(num_layers)]

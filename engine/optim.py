@@ -1,0 +1,70 @@
+"""Adam with all of its state on the device: step count and learning rate are tensors, the
+gradient-norm clip is computed without leaving the device. torch.optim.Adam reads its step count
+with .item() unless capturable=True, which it only allows on CUDA; this one has no host sync on
+any device, so the whole update can be compiled and captured in a CUDA graph."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class Adam:
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        clip: float = 0.0,
+    ):
+        self.params = [p for p in params if p.requires_grad]
+        device = self.params[0].device
+        self.lr = torch.tensor(float(lr), device=device)
+        self.betas, self.eps, self.weight_decay, self.clip = betas, eps, weight_decay, clip
+        self.count = torch.zeros((), device=device)
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def set_lr(self, lr: float) -> None:
+        self.lr.fill_(lr)
+
+    def step(self, loss: Tensor) -> Tensor:
+        """Gradients of `loss`, global-norm clipping (L2 weight decay as torch's Adam), update.
+        Returns the gradient norm before clipping, as a device tensor."""
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        with torch.no_grad():
+            return self._apply(grads)
+
+    def _apply(self, grads: list[Tensor]) -> Tensor:
+        b1, b2 = self.betas
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if self.clip > 0:
+            torch._foreach_mul_(grads, torch.clamp(self.clip / (norm + 1e-6), max=1.0))
+        if self.weight_decay:
+            torch._foreach_add_(grads, self.params, alpha=self.weight_decay)
+        self.count.add_(1)
+        torch._foreach_lerp_(self.m, grads, 1 - b1)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, torch.sqrt(1 - b2**self.count))
+        torch._foreach_add_(denom, self.eps)
+        update = torch._foreach_div(self.m, denom)
+        torch._foreach_mul_(update, self.lr / (1 - b1**self.count))
+        torch._foreach_sub_(self.params, update)
+        return norm
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["m"]) != len(self.m) or any(
+            a.shape != b.shape for a, b in zip(state["m"], self.m)
+        ):
+            raise ValueError("optimizer state does not match the parameters")
+        self.count.copy_(state["count"])
+        for dst, src in zip(self.m + self.v, state["m"] + state["v"]):
+            dst.copy_(src)

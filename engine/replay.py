@@ -1,0 +1,58 @@
+"""Replay: a ring buffer preallocated on the training device, sampled as fixed-length sequences.
+
+Storage is time-major per environment, (C, num_envs, ...) with C = capacity // num_envs, so every
+environment's stream is contiguous in time. A sequence may cross episode boundaries (`is_first`
+resets the RSSM inside it) but never the write head, where the stream jumps from new to old data.
+Images stay uint8. Sampling uses only device tensors: no host sync, so it can run inside a CUDA
+graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class Replay:
+    def __init__(self, capacity: int, num_envs: int, spec: Spec, device: torch.device):
+        self.num_envs = num_envs
+        self.slots = capacity // num_envs
+        self.device = device
+        self.data = {
+            k: torch.zeros(self.slots, num_envs, *shape, dtype=dtype, device=device)
+            for k, (shape, dtype) in spec.items()
+        }
+        self.count = 0  # steps written per environment (host copy, known without a sync)
+        self._count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def __len__(self) -> int:
+        """Environment steps held (all environments together)."""
+        return min(self.count, self.slots) * self.num_envs
+
+    def add(self, step: dict[str, Tensor]) -> None:
+        """One time step for every environment: each value is (num_envs, ...)."""
+        i = self.count % self.slots
+        for k, buf in self.data.items():
+            buf[i].copy_(step[k], non_blocking=True)
+        self.count += 1
+        self._count.add_(1)
+
+    def can_sample(self, length: int) -> bool:
+        return min(self.count, self.slots) >= length
+
+    def sample(
+        self, batch: int, length: int, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """Uniform over every window of `length` steps that does not cross the write head.
+        Returns {key: (batch, length, ...)}."""
+        held = torch.clamp(self._count, max=self.slots)
+        oldest = self._count - held  # logical index of the oldest step held
+        starts = held - length + 1  # valid window starts per environment
+        u = torch.rand(batch, device=self.device, generator=generator)
+        start = oldest + (u * starts).long().clamp(max=starts - 1)
+        env = torch.randint(self.num_envs, (batch,), device=self.device, generator=generator)
+        t = (start[:, None] + torch.arange(length, device=self.device)) % self.slots  # (B, T)
+        e = env[:, None].expand(batch, length)
+        return {k: v[t, e] for k, v in self.data.items()}

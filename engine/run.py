@@ -1,0 +1,92 @@
+"""Command line: `python -m engine.run --config configs/cartpole_d256.toml [--set KEY=VALUE ...]`.
+
+Config and input errors print one line and exit with status 2; no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from engine.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine.run", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a .toml config, or the archive's .json format")
+    src.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its latest checkpoint (its config.toml, plus any --set)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.batch_size=16 (repeatable)",
+    )
+    p.add_argument("--run-dir", help="run directory (default runs/<MM-DD_HHMM>_<config name>)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides general.device")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def default_run_dir(name: str) -> Path:
+    base = Path("runs") / f"{time.strftime('%m-%d_%H%M')}_{name}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}_{i}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"general.device={args.device}"] if args.device else [])
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            if not (run_dir / "config.toml").is_file():
+                fail(f"{run_dir}: not a run directory (no config.toml)")
+            cfg = load_config(run_dir / "config.toml", overrides)
+        else:
+            cfg = load_config(args.config, overrides)
+            run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg.name)
+    except ConfigError as e:
+        fail(str(e))
+    # Imported after the config is known good: torch and the envs take seconds to import.
+    from engine.envs import EnvError
+    from engine.trainer import Trainer, TrainingError
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+        result = trainer.run()
+    except (EnvError, TrainingError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: checkpoint written to {run_dir / 'checkpoints' / 'latest.pt'}; "
+            f"continue with: python -m engine.run --resume {run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    mb = result["checkpoint_bytes"] / 1e6
+    print(
+        f"done: {result['step']} updates, {result['env_steps']} env steps, "
+        f"{result['wall_time']:.0f} s, last eval {result['last_eval']:.1f}, "
+        f"best eval {result['best_eval']:.1f}, checkpoint {mb:.1f} MB "
+        f"({run_dir / 'checkpoints' / 'latest.pt'})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The world model: encoders, RSSM (block GRU + categorical latents), decoders, reward and
+continue heads, and its loss.
+
+Shapes: B batch, T time, N = flattened batch, L latents, K classes per latent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine import dists
+from engine.config import Config
+from engine.nets import MLP, BlockGRU, ImageDecoder, ImageEncoder, cnn_channels
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: Config, vector_dim: int, num_actions: int):
+        super().__init__()
+        m = cfg.models
+        mlp, cnn = m.encoder.mlp, m.encoder.cnn
+        self.L, self.K = mlp.latents, mlp.latent_categories
+        self.deter, self.stoch = cfg.deter, cfg.stoch
+        self.num_actions, self.unimix, self.free_bits = num_actions, m.unimix, m.free_bits
+        self.use_image, self.use_vector = cfg.env.image, cfg.env.vector
+        units, size = m.d_hidden, cnn.target_size[0]
+        feat = self.deter + self.stoch
+        token_dim = 0
+        if self.use_image:
+            channels = cnn_channels(units, cnn.num_layers)
+            self.image_encoder = ImageEncoder(channels, cnn.kernel_size, size)
+            self.image_decoder = ImageDecoder(
+                self.deter,
+                self.stoch,
+                units,
+                channels,
+                cnn.kernel_size,
+                size,
+                sigmoid=cnn.activation == "sigmoid",
+            )
+            token_dim += self.image_encoder.out_dim
+        if self.use_vector:
+            self.vector_encoder = MLP(vector_dim, units, mlp.n_layers)
+            self.vector_decoder = MLP(feat, units, mlp.n_layers, vector_dim)
+            token_dim += units
+        self.core = BlockGRU(self.deter, self.stoch, num_actions, units, m.rnn.n_blocks)
+        self.posterior_net = MLP(self.deter + token_dim, units, 1, self.stoch)
+        self.prior_net = MLP(self.deter, units, 2, self.stoch)
+        # Zero-initialised outputs (official outscale 0): random initial reward predictions are
+        # how dream values explode (the archive saw 8.9e7).
+        self.reward_head = MLP(feat, units, m.head_layers, m.num_bins, outscale=0.0)
+        self.cont_head = MLP(feat, units, m.head_layers, 1)
+        self.register_buffer("bins", dists.make_bins(m.num_bins), persistent=False)
+
+    # ---- RSSM -------------------------------------------------------------------------------
+
+    def initial(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        return (
+            torch.zeros(n, self.deter, device=device),
+            torch.zeros(n, self.L, self.K, device=device),
+        )
+
+    def encode(self, obs: dict[str, Tensor]) -> Tensor:
+        """Observations with leading dims (...) -> tokens (..., E)."""
+        parts = []
+        if self.use_image:
+            img = obs["image"]
+            lead = img.shape[:-3]
+            parts.append(self.image_encoder(img.reshape(-1, *img.shape[-3:])).reshape(*lead, -1))
+        if self.use_vector:
+            parts.append(self.vector_encoder(dists.symlog(obs["vector"])))
+        return torch.cat(parts, -1)
+
+    def _latent(self, logits: Tensor) -> Tensor:
+        return dists.sample_onehot(dists.unimix_probs(logits, self.unimix))
+
+    def obs_step(
+        self, deter: Tensor, stoch: Tensor, prev_action: Tensor, token: Tensor, is_first: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Posterior step. The carry and previous action are zeroed where an episode starts."""
+        keep = (~is_first).to(deter.dtype).unsqueeze(-1)
+        deter, prev_action = deter * keep, prev_action * keep
+        stoch = stoch * keep.unsqueeze(-1)
+        deter = self.core(deter, stoch.flatten(-2), prev_action)
+        logits = self.posterior_net(torch.cat([deter, token], -1)).unflatten(-1, (self.L, self.K))
+        return deter, self._latent(logits), logits
+
+    def img_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        """Prior step: imagine the next state from the action alone."""
+        deter = self.core(deter, stoch.flatten(-2), action)
+        return deter, self._latent(self.prior_logits(deter))
+
+    def prior_logits(self, deter: Tensor) -> Tensor:
+        return self.prior_net(deter).unflatten(-1, (self.L, self.K))
+
+    def observe(
+        self, tokens: Tensor, actions: Tensor, is_first: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Posterior over a sequence from a zero state. tokens (B, T, E), actions (B, T, A) one-hot
+        (the action taken AT each step), is_first (B, T).
+        Returns deter (B, T, D), stoch (B, T, L, K), logits (B, T, L, K)."""
+        B, T = is_first.shape
+        deter, stoch = self.initial(B, tokens.device)
+        prev_action = torch.zeros_like(actions[:, 0])
+        # Each sampled sequence starts from a zero state, as if an episode began there.
+        is_first = is_first.clone()
+        is_first[:, 0] = True
+        deters, stochs, logits = [], [], []
+        for t in range(T):
+            deter, stoch, logit = self.obs_step(
+                deter, stoch, prev_action, tokens[:, t], is_first[:, t]
+            )
+            prev_action = actions[:, t]
+            deters.append(deter)
+            stochs.append(stoch)
+            logits.append(logit)
+        return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logits, 1)
+
+    @staticmethod
+    def feat(deter: Tensor, stoch: Tensor) -> Tensor:
+        return torch.cat([deter, stoch.flatten(-2)], -1)
+
+    # ---- Loss -------------------------------------------------------------------------------
+
+    def loss(
+        self, batch: dict[str, Tensor], betas: tuple[float, float, float]
+    ) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, Tensor]]:
+        """World-model loss on a replay batch (B, T, ...). Returns the scalar loss, metrics (0-dim
+        tensors, still on the device) and the posterior (deter, stoch), for imagination starts."""
+        beta_pred, beta_dyn, beta_rep = betas
+        actions = F.one_hot(batch["action"], self.num_actions).float()
+        tokens = self.encode(batch)
+        deter, stoch, post_logits = self.observe(tokens, actions, batch["is_first"])
+        prior_logits = self.prior_logits(deter)  # the prior needs only deter: one batched call
+        dyn, rep, kl = dists.kl_losses(post_logits, prior_logits, self.unimix, self.free_bits)
+        feat = self.feat(deter, stoch)
+        metrics: dict[str, Tensor] = {}
+        # Prediction terms, each (B, T). Images and vectors are SUMMED over pixels/dims (official
+        # scale); the per-pixel mean is reported so it compares with the archive's 0.008-0.014.
+        pred = torch.zeros_like(dyn)
+        if self.use_image:
+            recon = self.image_decoder(deter.flatten(0, 1), stoch.flatten(0, 1).flatten(-2))
+            target = batch["image"].flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
+            sq = (recon - target).square()
+            pred = pred + sq.sum((1, 2, 3)).reshape(dyn.shape)
+            metrics["image_loss"] = sq.mean().detach()
+        if self.use_vector:
+            sq = (self.vector_decoder(feat) - dists.symlog(batch["vector"])).square()
+            pred = pred + sq.sum(-1)
+            metrics["vector_loss"] = sq.mean().detach()
+        rew_logits = self.reward_head(feat)
+        reward_loss = dists.twohot_loss(rew_logits, batch["reward"], self.bins)
+        cont_target = (~batch["is_terminal"]).float()
+        cont_loss = -dists.bernoulli_logprob(self.cont_head(feat).squeeze(-1), cont_target)
+        pred = pred + reward_loss + cont_loss
+        total = (beta_pred * pred + beta_dyn * dyn + beta_rep * rep).mean()
+        floor = dists.twohot_floor(batch["reward"], self.bins)
+        metrics.update(
+            wm_loss=total.detach(),
+            reward_loss=reward_loss.mean().detach(),
+            reward_loss_excess=(reward_loss - floor).mean().detach(),
+            continue_loss=cont_loss.mean().detach(),
+            kl_dyn=dyn.mean().detach(),
+            kl_rep=rep.mean().detach(),
+            kl=kl.mean(),
+            post_entropy=dists.categorical_entropy(
+                dists.unimix_logits(post_logits.detach(), self.unimix)
+            )
+            .sum(-1)
+            .mean(),
+            prior_entropy=dists.categorical_entropy(
+                dists.unimix_logits(prior_logits.detach(), self.unimix)
+            )
+            .sum(-1)
+            .mean(),
+        )
+        return total, metrics, (deter.detach(), stoch.detach())
