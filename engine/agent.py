@@ -51,7 +51,7 @@ class Agent(nn.Module):
     def train_step(self, batch: dict[str, Tensor], train_behavior: bool) -> dict[str, Tensor]:
         """One learner update on a replay batch (B, T, ...). Returns 0-dim metric tensors."""
         t = self.cfg.train
-        loss, metrics, (deter, stoch) = self.wm.loss(batch, (t.beta_pred, t.beta_dyn, t.beta_rep))
+        loss, metrics, (deter, stoch) = self.wm.loss(batch)
         if self.cfg.general.train_world_model:
             metrics["wm_grad_norm"] = self.wm_opt.step(loss)
         if train_behavior:

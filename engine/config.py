@@ -139,8 +139,18 @@ class TrainConfig:
     """Replayed steps (batch x length) per environment step."""
     actor_entropy_coef: float = 0.01
     beta_pred: float = 0.99
+    """Weight of the prediction terms (image + vector + reward + continue, each scaled below)."""
     beta_dyn: float = 0.99
+    """Weight of the dynamics KL (trains the prior)."""
     beta_rep: float = 0.99
+    """Weight of the representation KL (trains the posterior)."""
+    image_scale: float = 1.0
+    """Scale of the image term (squared error summed over the pixels of a frame)."""
+    vector_scale: float = 1.0
+    """Scale of the vector term (symlog squared error summed over dims). With images on, the
+    image sum is ~10^3x larger; raising this makes the latent state track the vector precisely."""
+    reward_scale: float = 1.0
+    cont_scale: float = 1.0
     slow_critic_rate: float = 0.02
     """EMA rate of the slow critic copy."""
     slow_critic_reg: float = 1.0
@@ -392,6 +402,10 @@ def validate(cfg: Config, src: str = "config") -> None:
         "beta_dyn",
         "beta_rep",
         "slow_critic_reg",
+        "image_scale",
+        "vector_scale",
+        "reward_scale",
+        "cont_scale",
     ):
         v = getattr(t, key)
         need(math.isfinite(v) and v >= 0, f"train.{key}", "must be finite and >= 0", v)

@@ -172,7 +172,9 @@ class GymnasiumVecEnv(VecEnv):
             raise EnvError("env backend 'gymnasium' is not installed: pip install gymnasium") from e
         native_render = image_size is not None and task != "CartPole-v1"
         if native_render and importlib.util.find_spec("pygame") is None:
-            raise EnvError(f"rendering {task} with gymnasium needs pygame: pip install pygame")
+            raise EnvError(
+                f"rendering {task} with gymnasium needs pygame: pip install 'gymnasium[box2d]'"
+            )
         if native_render and image_size > _LUNAR_FRAME_HEIGHT:
             raise EnvError(f"image_size for {task} with gymnasium is at most {_LUNAR_FRAME_HEIGHT}")
         kwargs = {"render_mode": "rgb_array"} if native_render else {}

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cfg = load_config(args.config, overrides)
             run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg.name)
+            if (run_dir / "metrics.jsonl").exists():
+                fail(f"{run_dir}: already holds a run; continue it with --resume {run_dir}")
     except ConfigError as e:
         fail(str(e))
     # Imported after the config is known good: torch and the envs take seconds to import.

@@ -23,6 +23,7 @@ class WorldModel(nn.Module):
         self.L, self.K = mlp.latents, mlp.latent_categories
         self.deter, self.stoch = cfg.deter, cfg.stoch
         self.num_actions, self.unimix, self.free_bits = num_actions, m.unimix, m.free_bits
+        self.scales = cfg.train  # beta_* and *_scale: the loss weights
         self.use_image, self.use_vector = cfg.env.image, cfg.env.vector
         units, size = m.d_hidden, cnn.target_size[0]
         feat = self.deter + self.stoch
@@ -124,11 +125,11 @@ class WorldModel(nn.Module):
     # ---- Loss -------------------------------------------------------------------------------
 
     def loss(
-        self, batch: dict[str, Tensor], betas: tuple[float, float, float]
+        self, batch: dict[str, Tensor]
     ) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, Tensor]]:
         """World-model loss on a replay batch (B, T, ...). Returns the scalar loss, metrics (0-dim
         tensors, still on the device) and the posterior (deter, stoch), for imagination starts."""
-        beta_pred, beta_dyn, beta_rep = betas
+        sc = self.scales
         actions = F.one_hot(batch["action"], self.num_actions).float()
         tokens = self.encode(batch)
         deter, stoch, post_logits = self.observe(tokens, actions, batch["is_first"])
@@ -143,18 +144,18 @@ class WorldModel(nn.Module):
             recon = self.image_decoder(deter.flatten(0, 1), stoch.flatten(0, 1).flatten(-2))
             target = batch["image"].flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
             sq = (recon - target).square()
-            pred = pred + sq.sum((1, 2, 3)).reshape(dyn.shape)
+            pred = pred + sc.image_scale * sq.sum((1, 2, 3)).reshape(dyn.shape)
             metrics["image_loss"] = sq.mean().detach()
         if self.use_vector:
             sq = (self.vector_decoder(feat) - dists.symlog(batch["vector"])).square()
-            pred = pred + sq.sum(-1)
+            pred = pred + sc.vector_scale * sq.sum(-1)
             metrics["vector_loss"] = sq.mean().detach()
         rew_logits = self.reward_head(feat)
         reward_loss = dists.twohot_loss(rew_logits, batch["reward"], self.bins)
         cont_target = (~batch["is_terminal"]).float()
         cont_loss = -dists.bernoulli_logprob(self.cont_head(feat).squeeze(-1), cont_target)
-        pred = pred + reward_loss + cont_loss
-        total = (beta_pred * pred + beta_dyn * dyn + beta_rep * rep).mean()
+        pred = pred + sc.reward_scale * reward_loss + sc.cont_scale * cont_loss
+        total = (sc.beta_pred * pred + sc.beta_dyn * dyn + sc.beta_rep * rep).mean()
         floor = dists.twohot_floor(batch["reward"], self.bins)
         metrics.update(
             wm_loss=total.detach(),

@@ -74,17 +74,28 @@ def synthetic_batch(cfg, B, T, seed=0):
     )
 
 
-def test_image_term_is_summed_over_pixels_and_reported_per_pixel():
-    cfg = tiny_cfg()
+def test_prediction_terms_are_summed_scaled_and_reported_per_element():
+    scales = dict(image_scale=0.5, vector_scale=3.0, reward_scale=2.0, cont_scale=7.0)
+    cfg = tiny_cfg(
+        "train.beta_pred=1.5",
+        "train.beta_dyn=0",
+        "train.beta_rep=0",
+        *(f"train.{k}={v}" for k, v in scales.items()),
+    )
     torch.manual_seed(0)
     wm = WorldModel(cfg, vector_dim=4, num_actions=2)
     batch = synthetic_batch(cfg, 2, 4)
     pixels = 64 * 64 * 3
-    loss, metrics, _ = wm.loss(batch, (1.0, 0.0, 0.0))
-    other = metrics["vector_loss"] * 4 + metrics["reward_loss"] + metrics["continue_loss"]
-    # Train on the per-frame sum (official scale), report the per-pixel mean (archive's scale).
-    torch.testing.assert_close(loss, metrics["image_loss"] * pixels + other, rtol=1e-4, atol=1e-3)
-    assert 0 < metrics["image_loss"] < 1
+    loss, m, _ = wm.loss(batch)
+    # Train on the per-frame sums (official scale), report per-pixel / per-dim means (archive's).
+    expected = 1.5 * (
+        0.5 * m["image_loss"] * pixels
+        + 3.0 * m["vector_loss"] * 4
+        + 2.0 * m["reward_loss"]
+        + 7.0 * m["continue_loss"]
+    )
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-3)
+    assert 0 < m["image_loss"] < 1
 
 
 def test_world_model_learns_a_fixed_batch():

@@ -1,0 +1,241 @@
+"""The real command line, end to end, on the tiny config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_KEYS = (
+    "step",
+    "env_steps",
+    "wm_loss",
+    "image_loss",
+    "vector_loss",
+    "reward_loss",
+    "continue_loss",
+    "kl_dyn",
+    "kl_rep",
+    "actor_loss",
+    "actor_entropy",
+    "critic_loss",
+    "dream_reward",
+    "dream_value",
+    "train_steps_per_sec",
+    "reward_loss_excess",
+)
+TIMING = ("train_steps_per_sec", "env_steps_per_sec", "wall_time")
+
+
+def run(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    out = run("--config", "configs/tiny.toml", "--run-dir", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr
+    assert "parameters: " in out.stderr and "done: 12 updates" in out.stdout
+    rd = tmp_path / "r"
+    assert (rd / "config.toml").is_file()
+    assert (rd / "checkpoints" / "latest.pt").is_file() and (
+        rd / "checkpoints" / "best.pt"
+    ).is_file()
+    recs = records(rd)
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in train] == [4, 8, 12]
+    for key in TRAIN_KEYS:
+        assert key in train[-1] and train[-1][key] is not None, key
+    assert train[0]["actor_loss"] is None  # still in actor warm-up at step 4
+    assert any(r["type"] == "episode" and r["episode_return"] > 0 for r in recs)
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12] and len(evals[0]["eval_returns"]) == 2
+
+
+def test_same_seed_same_run_on_cpu(tmp_path):
+    a = run("--config", "configs/tiny.toml", "--run-dir", str(tmp_path / "a"))
+    b = run("--config", "configs/tiny.toml", "--run-dir", str(tmp_path / "b"))
+    assert a.returncode == 0 and b.returncode == 0
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+    assert strip(records(tmp_path / "a")) == strip(records(tmp_path / "b"))
+
+
+def test_archive_json_config_runs_as_is(tmp_path):
+    # The archive's own file (d_hidden 256, device "cuda"); only the run length is cut short.
+    out = run(
+        "--config",
+        "configs/archive_recommended.json",
+        "--run-dir",
+        str(tmp_path / "j"),
+        "--set",
+        "train.bootstrap_steps=40",
+        "--set",
+        "train.max_train_steps=2",
+        "--set",
+        "env.num_envs=2",
+        "--set",
+        "log.eval_every=0",
+        "--set",
+        "log.log_every=1",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "parameters: 15," in out.stderr  # d256: the size12m-like model
+    if not torch.cuda.is_available():
+        assert "no CUDA device found, training on the CPU" in out.stderr
+    assert [r["step"] for r in records(tmp_path / "j") if r["type"] == "train"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--config", "configs/nope.toml"], ["configs/nope.toml", "file not found"]),
+        (["--config", "configs/tiny.toml", "--set", "train.batch_size=0"], ["train.batch_size"]),
+        (["--config", "configs/tiny.toml", "--set", "train.gamma=1.5"], ["train.gamma"]),
+        (["--config", "configs/tiny.toml", "--set", "train.bogus=3"], ["unknown key"]),
+        (["--config", "configs/tiny.toml", "--set", "env.name=Pong-v5"], ["env.name"]),
+        (["--resume", "/nonexistent/run"], ["not a run directory"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, words):
+    out = run(*args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    for w in words:
+        assert w in lines[0]
+
+
+def test_resume_continues_steps_and_metrics(tmp_path):
+    rd = tmp_path / "r"
+    assert run("--config", "configs/tiny.toml", "--run-dir", str(rd)).returncode == 0
+    out = run("--resume", str(rd), "--set", "train.max_train_steps=20")
+    assert out.returncode == 0, out.stderr
+    assert "resumed" in out.stderr and "done: 20 updates" in out.stdout
+    steps = [r["step"] for r in records(rd) if r["type"] == "train"]
+    assert steps == [4, 8, 12, 16, 20]
+    assert "max_train_steps = 20" in (rd / "config.toml").read_text()
+    env_steps = [r["env_steps"] for r in records(rd)]
+    assert env_steps == sorted(env_steps)
+    ck = torch.load(rd / "checkpoints" / "latest.pt", weights_only=False)
+    assert ck["counters"]["step"] == 20
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    rd = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.run",
+            "--config",
+            "configs/tiny.toml",
+            "--run-dir",
+            str(rd),
+            "--set",
+            "train.max_train_steps=100000",
+            "--set",
+            "log.checkpoint_every=10",
+            "--set",
+            "log.log_every=2",
+            "--set",
+            "log.eval_every=0",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = rd / "checkpoints" / "latest.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt.exists() and _train_steps(rd) >= 24):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(ckpt, weights_only=False)["counters"]["step"]
+    assert saved >= 10 and saved % 10 == 0
+    assert max(_train_steps_list(rd)) > saved  # lines past the checkpoint were logged, then lost
+    out = run("--resume", str(rd), "--set", f"train.max_train_steps={saved + 6}")
+    assert out.returncode == 0, out.stderr
+    steps = _train_steps_list(rd)
+    assert steps == sorted(set(steps)) and steps[-1] == saved + 6  # no step logged twice
+
+
+def _train_steps_list(rd):
+    path = rd / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r["type"] == "train":
+            out.append(r["step"])
+    return out
+
+
+def _train_steps(rd):
+    steps = _train_steps_list(rd)
+    return steps[-1] if steps else 0
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_130(tmp_path):
+    rd = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.run",
+            "--config",
+            "configs/tiny.toml",
+            "--run-dir",
+            str(rd),
+            "--set",
+            "train.max_train_steps=100000",
+            "--set",
+            "log.checkpoint_every=100000",
+            "--set",
+            "log.eval_every=0",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and _train_steps(rd) < 8:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert torch.load(rd / "checkpoints" / "latest.pt", weights_only=False)["counters"]["step"] >= 8
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    rd = tmp_path / "r"
+    assert run("--config", "configs/tiny.toml", "--run-dir", str(rd)).returncode == 0
+    out = run("--config", "configs/tiny.toml", "--run-dir", str(rd))
+    assert out.returncode == 2 and "--resume" in out.stderr
