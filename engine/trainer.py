@@ -186,15 +186,7 @@ class Trainer:
         for i in np.flatnonzero(obs["is_last"]):
             c["episodes"] += 1
             self.last_return = float(ep_ret[i])
-            self.log.write(
-                dict(
-                    type="episode",
-                    step=c["step"],
-                    env_steps=c["env_steps"],
-                    episode_return=self.last_return,
-                    episode_length=int(ep_len[i]),
-                )
-            )
+            self._record("episode", episode_return=self.last_return, episode_length=int(ep_len[i]))
         return ep_ret, ep_len
 
     # ---- Learning -----------------------------------------------------------------------------
@@ -215,6 +207,14 @@ class Trainer:
         if step % cfg.log.checkpoint_every == 0:
             self._checkpoint("latest")
 
+    def _fields(self, kind: str, **fields) -> dict:
+        return dict(
+            type=kind, step=self.counters["step"], env_steps=self.counters["env_steps"], **fields
+        )
+
+    def _record(self, kind: str, **fields) -> None:
+        self.log.write(self._fields(kind, **fields))
+
     def _log_train(self) -> None:
         if not self._acc:
             return
@@ -226,10 +226,8 @@ class Trainer:
         now = time.perf_counter()
         t0, step0, env0 = self._interval
         self._interval = (now, c["step"], c["env_steps"])
-        record = dict(
-            type="train",
-            step=c["step"],
-            env_steps=c["env_steps"],
+        record = self._fields(
+            "train",
             wall_time=c["wall_time"] + now - self._started,
             **{k: None for k in BEHAVIOR_KEYS},
         )
@@ -263,16 +261,12 @@ class Trainer:
             lengths += ~done
             done |= obs["is_last"]
         self.last_eval = float(returns.mean())
-        self.log.write(
-            dict(
-                type="eval",
-                step=c["step"],
-                env_steps=c["env_steps"],
-                eval_return=self.last_eval,
-                eval_return_std=float(returns.std()),
-                eval_returns=returns.tolist(),
-                eval_length=float(lengths.mean()),
-            )
+        self._record(
+            "eval",
+            eval_return=self.last_eval,
+            eval_return_std=float(returns.std()),
+            eval_returns=returns.tolist(),
+            eval_length=float(lengths.mean()),
         )
         self.progress.write(
             f"step {c['step']} env_steps {c['env_steps']}: "

@@ -45,6 +45,14 @@ def run(*args, timeout=300):
     )
 
 
+def spawn(run_dir, *overrides, **popen):
+    """Start a tiny training run in the background (to be killed)."""
+    sets = [x for o in overrides for x in ("--set", o)]
+    cmd = [sys.executable, "-m", "engine.run", "--config", "configs/tiny.toml"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd + ["--run-dir", str(run_dir), *sets], cwd=ROOT, env=env, **popen)
+
+
 def records(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -140,27 +148,12 @@ def test_resume_continues_steps_and_metrics(tmp_path):
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     rd = tmp_path / "r"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.run",
-            "--config",
-            "configs/tiny.toml",
-            "--run-dir",
-            str(rd),
-            "--set",
-            "train.max_train_steps=100000",
-            "--set",
-            "log.checkpoint_every=10",
-            "--set",
-            "log.log_every=2",
-            "--set",
-            "log.eval_every=0",
-        ],
-        cwd=ROOT,
-        env=env,
+    proc = spawn(
+        rd,
+        "train.max_train_steps=100000",
+        "log.checkpoint_every=10",
+        "log.log_every=2",
+        "log.eval_every=0",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -201,25 +194,11 @@ def _train_steps(rd):
 
 def test_sigterm_writes_a_checkpoint_and_exits_130(tmp_path):
     rd = tmp_path / "r"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.run",
-            "--config",
-            "configs/tiny.toml",
-            "--run-dir",
-            str(rd),
-            "--set",
-            "train.max_train_steps=100000",
-            "--set",
-            "log.checkpoint_every=100000",
-            "--set",
-            "log.eval_every=0",
-        ],
-        cwd=ROOT,
-        env=env,
+    proc = spawn(
+        rd,
+        "train.max_train_steps=100000",
+        "log.checkpoint_every=100000",
+        "log.eval_every=0",
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
