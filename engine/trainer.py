@@ -69,12 +69,12 @@ class Trainer:
             self._restore()
         else:
             save_toml(cfg, run_dir / "config.toml")
-        # Training (re)starts once this many env steps are in: random-policy data on a fresh run;
-        # on resume the replay is refilled with the loaded policy (replay is not checkpointed).
+        # Training (re)starts once the replay holds bootstrap_steps: random-policy data on a fresh
+        # run; on resume it is refilled with the loaded policy (replay is not checkpointed).
         c = self.counters
         self.random_policy = c["step"] == 0
         fill = min(cfg.train.bootstrap_steps, cfg.train.replay_buffer_size)
-        self.train_from = fill if self.random_policy else c["env_steps"] + fill
+        self.train_from = c["env_steps"] + fill
         self.episodes_at_start = c["episodes"]
         self.log = MetricsLog(run_dir / "metrics.jsonl")
         self.rng = np.random.default_rng(seed + c["env_steps"])
