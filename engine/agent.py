@@ -8,12 +8,13 @@ the fast path compile it and capture it in a CUDA graph.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine import dists
 from engine.behavior import Behavior
 from engine.config import Config
-from engine.optim import Adam
+from engine.fast import FastOptions, autocast
+from engine.optim import Adam, step_together
 from engine.world_model import WorldModel
 
 Carry = tuple[Tensor, Tensor, Tensor]  # deter (N, D), stoch (N, L, K), prev action one-hot (N, A)
@@ -21,13 +22,19 @@ Carry = tuple[Tensor, Tensor, Tensor]  # deter (N, D), stoch (N, L, K), prev act
 
 class Agent(nn.Module):
     def __init__(
-        self, cfg: Config, vector_dim: int, num_actions: int, device: torch.device | str = "cpu"
+        self,
+        cfg: Config,
+        vector_dim: int,
+        num_actions: int,
+        device: torch.device | str = "cpu",
+        opts: FastOptions | None = None,
     ):
         super().__init__()
-        self.cfg = cfg
+        opts = opts or FastOptions()
+        self.cfg, self.opts, self.device = cfg, opts, torch.device(device)
         self.num_actions = num_actions
-        self.wm = WorldModel(cfg, vector_dim, num_actions)
-        self.behavior = Behavior(cfg, num_actions)
+        self.wm = WorldModel(cfg, vector_dim, num_actions, opts.kernels)
+        self.behavior = Behavior(cfg, num_actions, opts.kernels)
         self.to(device)  # before the optimizers: their state lives beside the parameters
         t = cfg.train
         adam = dict(weight_decay=t.weight_decay, eps=t.adam_eps)
@@ -51,17 +58,25 @@ class Agent(nn.Module):
     def train_step(self, batch: dict[str, Tensor], train_behavior: bool) -> dict[str, Tensor]:
         """One learner update on a replay batch (B, T, ...). Returns 0-dim metric tensors."""
         t = self.cfg.train
-        loss, metrics, (deter, stoch) = self.wm.loss(batch)
+        with autocast(self.opts, self.device):
+            loss, metrics, (deter, stoch) = self.wm.loss(batch)
         if self.cfg.general.train_world_model:
             metrics["wm_grad_norm"] = self.wm_opt.step(loss)
         if train_behavior:
-            start_cont = (~batch["is_terminal"]).flatten().to(deter.dtype)
-            actor_loss, critic_loss, beh = self.behavior.loss(
-                self.wm, deter.flatten(0, 1), stoch.flatten(0, 1), start_cont, t.actor_entropy_coef
-            )
+            start_cont = (~batch["is_terminal"]).flatten().float()
+            with autocast(self.opts, self.device):
+                actor_loss, critic_loss, beh = self.behavior.loss(
+                    self.wm,
+                    deter.flatten(0, 1),
+                    stoch.flatten(0, 1),
+                    start_cont,
+                    t.actor_entropy_coef,
+                )
             metrics.update(beh)
-            metrics["actor_grad_norm"] = self.actor_opt.step(actor_loss)
-            metrics["critic_grad_norm"] = self.critic_opt.step(critic_loss)
+            # The actor's loss does not depend on the critic's parameters nor the critic's on the
+            # actor's, so the gradient of the sum w.r.t. each set is that set's own gradient.
+            norms = step_together(actor_loss + critic_loss, [self.actor_opt, self.critic_opt])
+            metrics["actor_grad_norm"], metrics["critic_grad_norm"] = norms
             self.behavior.update_slow_critic()
         return metrics
 
@@ -76,8 +91,12 @@ class Agent(nn.Module):
         self, obs: dict[str, Tensor], carry: Carry, greedy: bool = False
     ) -> tuple[Tensor, Carry]:
         """One environment step for N envs: obs (N, ...) -> action indices (N,), next carry."""
+        with autocast(self.opts, self.device):
+            return self._policy(obs, carry, greedy)
+
+    def _policy(self, obs: dict[str, Tensor], carry: Carry, greedy: bool):
         deter, stoch, prev_action = carry
         token = self.wm.encode(obs)
         deter, stoch, _ = self.wm.obs_step(deter, stoch, prev_action, token, obs["is_first"])
         action = self.behavior.act(self.wm.feat(deter, stoch), greedy)
-        return action, (deter, stoch, F.one_hot(action, self.num_actions).to(deter.dtype))
+        return action, (deter, stoch, dists.onehot(action, self.num_actions, deter.dtype))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine import dists
@@ -50,7 +49,7 @@ class ReturnNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, ret: Tensor) -> None:
-        q = torch.quantile(ret.detach().flatten().float(), ret.new_tensor([0.05, 0.95]))
+        q = dists.percentiles(ret.detach().float(), (0.05, 0.95))
         # The first batch sets the statistics directly: no host-side branch, so no sync.
         rate = torch.where(self.initialised, self.rate, 1.0)
         self.lo.lerp_(q[0], rate)
@@ -62,8 +61,9 @@ class ReturnNorm(nn.Module):
 
 
 class Behavior(nn.Module):
-    def __init__(self, cfg: Config, num_actions: int):
+    def __init__(self, cfg: Config, num_actions: int, kernels: str = "torch"):
         super().__init__()
+        self.kernels = kernels
         m, t = cfg.models, cfg.train
         feat, units, layers = cfg.deter + cfg.stoch, m.d_hidden, m.encoder.mlp.n_layers
         self.num_actions, self.unimix = num_actions, m.unimix
@@ -95,7 +95,7 @@ class Behavior(nn.Module):
         Returns feats (H+1, N, F) and one-hot actions (H, N, A), action[t] taken in state t."""
         feats, actions = [wm.feat(deter, stoch)], []
         for _ in range(self.horizon):
-            action = F.one_hot(self.act(feats[-1]), self.num_actions).to(deter.dtype)
+            action = dists.onehot(self.act(feats[-1]), self.num_actions, deter.dtype)
             deter, stoch = wm.img_step(deter, stoch, action)
             feats.append(wm.feat(deter, stoch))
             actions.append(action)
@@ -106,6 +106,13 @@ class Behavior(nn.Module):
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Actor and critic losses from posterior starts (N, ...). start_cont: (N,) 1 - terminal."""
         feats, actions = self.imagine(wm, deter, stoch)
+        return self.losses(wm, feats, actions, start_cont, entropy_coef)
+
+    def losses(
+        self, wm, feats: Tensor, actions: Tensor, start_cont: Tensor, entropy_coef: float
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The losses over an imagined trajectory: one static-shape graph (compiled on the fast
+        path) after the step-by-step rollout."""
         critic_logits = self.critic(feats)  # one pass: its detached mean is the value estimate
         with torch.no_grad():
             reward = dists.twohot_mean(wm.reward_head(feats), self.bins)
@@ -118,17 +125,15 @@ class Behavior(nn.Module):
             weight = torch.cumprod(self.gamma * cont, 0)[:-1] / self.gamma
             self.retnorm.update(ret)
             adv = (ret - value[:-1]) / self.retnorm.scale()
-            # Return target and slow-critic regulariser share one cross-entropy: the loss is
-            # linear in the target distribution.
-            target = dists.twohot(ret, self.bins) + self.slow_reg * dists.twohot(
-                slow_value, self.bins
-            )
 
         logp = self.action_logits(feats[:-1])  # (H, N, A)
         logpi = (logp * actions).sum(-1)
         entropy = dists.categorical_entropy(logp)
         actor_loss = -(weight * (logpi * adv + entropy_coef * entropy)).mean()
-        critic_ce = -(target * F.log_softmax(critic_logits[:-1], -1)).sum(-1)
+        # The return target and the slow-critic regulariser share one pass over the logits.
+        critic_ce = dists.twohot_loss(
+            critic_logits[:-1], ret, self.bins, slow_value, self.slow_reg, impl=self.kernels
+        )
         critic_loss = (weight * critic_ce).mean()
         metrics = dict(
             actor_loss=actor_loss.detach(),

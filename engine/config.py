@@ -38,6 +38,20 @@ class GeneralConfig:
     """False freezes the world model (e.g. to fine-tune the behaviour of a loaded agent)."""
     threads: int = 0
     """torch intra-op threads on the CPU; 0 leaves torch's default (one per core)."""
+    compile: bool = False
+    """torch.compile the update's functions and the policy step (tens of seconds on a CPU)."""
+    cuda_graphs: bool = False
+    """Capture the whole learner update (sampling, world model, imagination, actor, critic,
+    optimizer steps) in CUDA graphs. CUDA only; elsewhere a notice and no graphs."""
+    precision: str = "fp32"
+    """fp32 | bf16: bf16 autocast of the forward passes, fp32 master weights and optimizer."""
+    kernels: str = "torch"
+    """torch | triton: the block-GRU and two-hot losses as fused Triton kernels (CUDA only)."""
+    profile: str = ""
+    """START:STOP learner steps to profile: NVTX ranges plus cudaProfilerStart/Stop for
+    `nsys --capture-range=cudaProfilerApi`; empty disables."""
+    trace: bool = False
+    """With `profile`, also write a torch.profiler chrome trace (trace.json; works on the CPU)."""
 
 
 @dataclass
@@ -306,6 +320,14 @@ def validate(cfg: Config, src: str = "config") -> None:
 
     need(g.device in ("auto", "cpu", "cuda"), "general.device", "must be auto|cpu|cuda", g.device)
     need(g.threads >= 0, "general.threads", "must be >= 0", g.threads)
+    need(g.precision in ("fp32", "bf16"), "general.precision", "must be fp32|bf16", g.precision)
+    need(g.kernels in ("torch", "triton"), "general.kernels", "must be torch|triton", g.kernels)
+    need(
+        g.profile == "" or profile_window(g.profile) is not None,
+        "general.profile",
+        "must be START:STOP learner steps with START < STOP",
+        g.profile,
+    )
     need(e.name in TASKS, "env.name", f"unknown environment (known: {', '.join(TASKS)})", e.name)
     need(
         e.backend in ("envpool", "gymnasium"), "env.backend", "must be envpool|gymnasium", e.backend
@@ -431,6 +453,15 @@ def validate(cfg: Config, src: str = "config") -> None:
         "must be mode|sample",
         lg.eval_policy,
     )
+
+
+def profile_window(text: str) -> tuple[int, int] | None:
+    """'100:120' -> (100, 120); None when malformed."""
+    try:
+        start, stop = (int(x) for x in text.split(":"))
+    except ValueError:
+        return None
+    return (start, stop) if 0 <= start < stop else None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The distributions of DreamerV3: symlog, symlog two-hot, unimix categoricals, KL with free bits.
 
-One place for each; the Triton kernels (kernels/) are checked against these functions.
+One place for each. The two-hot math is defined in kernels/twohot.py beside its fused kernel (its
+pure-PyTorch reference is the engine's definition) and re-exported here.
 """
 
 from __future__ import annotations
@@ -9,49 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import twohot as _twohot
+from kernels.twohot import make_bins, symexp, symlog, twohot, twohot_floor
 
-def symlog(x: Tensor) -> Tensor:
-    return torch.sign(x) * torch.log1p(torch.abs(x))
-
-
-def symexp(x: Tensor) -> Tensor:
-    return torch.sign(x) * torch.expm1(torch.abs(x))
+__all__ = ["make_bins", "symexp", "symlog", "twohot", "twohot_floor"]
 
 
-def make_bins(num_bins: int = 255, limit: float = 20.0, device=None) -> Tensor:
-    """Bin centres, uniform in symlog space from -limit to +limit (official DreamerV3)."""
-    return torch.linspace(-limit, limit, num_bins, device=device)
+def twohot_loss(
+    logits: Tensor,
+    y: Tensor,
+    bins: Tensor,
+    y2: Tensor | None = None,
+    coef2: float = 0.0,
+    impl: str = "torch",
+) -> Tensor:
+    """Cross-entropy of the two-hot target of y (plus coef2 x that of y2) under softmax(logits).
 
-
-def twohot(y: Tensor, bins: Tensor) -> Tensor:
-    """Two-hot encoding of symlog(y) over `bins`: mass split between the two nearest bins.
-
-    (...,) -> (..., K). Values beyond the outer bins put all mass on the outer bin.
-    """
-    x = symlog(y).clamp(bins[0], bins[-1])
-    k = bins.numel()
-    below = (torch.bucketize(x, bins, right=True) - 1).clamp(0, k - 2)  # bins[below] <= x
-    lo, hi = bins[below], bins[below + 1]
-    w_hi = ((x - lo) / (hi - lo)).clamp(0, 1)
-    out = torch.zeros(*x.shape, k, device=x.device, dtype=x.dtype)
-    out.scatter_(-1, below.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
-    out.scatter_add_(-1, (below + 1).unsqueeze(-1), w_hi.unsqueeze(-1))
-    return out
-
-
-def twohot_loss(logits: Tensor, y: Tensor, bins: Tensor) -> Tensor:
-    """Cross-entropy of the two-hot target of y under softmax(logits). (..., K), (...) -> (...)."""
-    target = twohot(y.detach(), bins)
-    return -(target * F.log_softmax(logits, -1)).sum(-1)
-
-
-def twohot_floor(y: Tensor, bins: Tensor) -> Tensor:
-    """Entropy of the two-hot target: the lowest cross-entropy any prediction can reach (<= ln 2).
-
-    The archive's reward loss 'plateau' near 0.6 is this floor (DESIGN.md §1); report the excess.
-    """
-    target = twohot(y.detach(), bins)
-    return -(target * torch.log(target.clamp_min(1e-12))).sum(-1)
+    (..., K), (...) -> (...). impl "triton" runs the fused kernel (kernels/twohot.py)."""
+    return _twohot.twohot_loss(logits, y, bins, y2, coef2, impl=impl)
 
 
 def twohot_mean(logits: Tensor, bins: Tensor) -> Tensor:
@@ -82,10 +58,27 @@ def sample_index(probs: Tensor) -> Tensor:
     return (probs.detach().cumsum(-1) < u).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
+def onehot(index: Tensor, k: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """One-hot by comparison: F.one_hot validates its input range, a device sync on CUDA."""
+    return (index.unsqueeze(-1) == torch.arange(k, device=index.device)).to(dtype)
+
+
 def sample_onehot(probs: Tensor) -> Tensor:
     """One-hot sample, straight-through: the forward value is one-hot, the gradient is probs'."""
-    onehot = F.one_hot(sample_index(probs), probs.shape[-1]).to(probs.dtype)
-    return onehot + probs - probs.detach()
+    return onehot(sample_index(probs), probs.shape[-1], probs.dtype) + probs - probs.detach()
+
+
+def percentiles(x: Tensor, qs: tuple[float, ...]) -> Tensor:
+    """torch.quantile's linear interpolation from one sort. torch.quantile checks its q tensor
+    on the device, a host sync; here the ranks are Python numbers fixed by the static shape."""
+    x = x.flatten().sort().values
+    out = []
+    for q in qs:
+        pos = q * (x.numel() - 1)
+        lo = int(pos)
+        hi = min(lo + 1, x.numel() - 1)
+        out.append(torch.lerp(x[lo], x[hi], pos - lo))
+    return torch.stack(out)
 
 
 def categorical_kl(logp: Tensor, logq: Tensor) -> Tensor:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.block_gru import block_gru
+
 
 def trunc_normal_in_(weight: Tensor, fan_in: int, scale: float = 1.0) -> None:
     """Truncated normal with variance scale/fan_in (official `trunc_normal_in`); scale 0 = zeros."""
@@ -93,9 +95,11 @@ class BlockGRU(nn.Module):
     (the state changes slowly at init).
     """
 
-    def __init__(self, deter: int, stoch: int, num_actions: int, hidden: int, blocks: int):
+    def __init__(
+        self, deter: int, stoch: int, num_actions: int, hidden: int, blocks: int, impl="torch"
+    ):
         super().__init__()
-        self.deter, self.blocks = deter, blocks
+        self.deter, self.blocks, self.impl = deter, blocks, impl
         self.in_deter = DenseAct(deter, hidden)
         self.in_stoch = DenseAct(stoch, hidden)
         self.in_action = DenseAct(num_actions, hidden)
@@ -107,14 +111,19 @@ class BlockGRU(nn.Module):
         g = self.blocks
         x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
         x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])  # (N, G, 3H)
-        x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1).flatten(-2)
-        x = F.silu(self.hid_norm(self.hid(x)))
-        gates = self.gru(x).reshape(*deter.shape[:-1], g, 3, -1)  # per block: reset, cand, update
-        reset, cand, update = (gates[..., i, :].flatten(-2) for i in range(3))
-        reset = torch.sigmoid(reset)
-        cand = torch.tanh(reset * cand)
-        update = torch.sigmoid(update - 1)
-        return update * cand + (1 - update) * deter
+        x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1)  # (N, G, D/G + 3H)
+        # Block matmuls, cross-block RMSNorm, gates and state update: kernels/block_gru.py.
+        return block_gru(
+            x,
+            deter,
+            self.hid.weight,
+            self.hid.bias,
+            self.hid_norm.weight,
+            self.gru.weight,
+            self.gru.bias,
+            self.hid_norm.eps,
+            impl=self.impl,
+        )
 
 
 def _conv_padding(kernel: int) -> int:

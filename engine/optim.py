@@ -33,10 +33,7 @@ class Adam:
     def step(self, loss: Tensor) -> Tensor:
         """Gradients of `loss`, global-norm clipping (L2 weight decay as torch's Adam), update.
         Returns the gradient norm before clipping, as a device tensor."""
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
-        with torch.no_grad():
-            return self._apply(grads)
+        return step_together(loss, [self])[0]
 
     def _apply(self, grads: list[Tensor]) -> Tensor:
         b1, b2 = self.betas
@@ -68,3 +65,19 @@ class Adam:
         self.count.copy_(state["count"])
         for dst, src in zip(self.m + self.v, state["m"] + state["v"]):
             dst.copy_(src)
+
+
+def step_together(loss: Tensor, optimizers: list[Adam]) -> list[Tensor]:
+    """One backward pass for several optimizers whose parameter sets do not interact in `loss`
+    (actor + critic). Needed on the compiled path: one compiled graph computing both losses has
+    one backward, which a second autograd.grad call could not run again. Returns the norms."""
+    params = [p for opt in optimizers for p in opt.params]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    norms, i = [], 0
+    with torch.no_grad():
+        for opt in optimizers:
+            n = len(opt.params)
+            norms.append(opt._apply(grads[i : i + n]))
+            i += n
+    return norms

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine import checkpoint
+from engine import checkpoint, dists, fast
 from engine.agent import Agent
 from engine.config import Config, save_toml, to_dict
 from engine.envs import make_env
@@ -56,9 +56,18 @@ class Trainer:
         self.eval_env = make_env(
             e.name, e.backend, cfg.log.eval_episodes, seed + 10_000, cfg.image_size, e.vector
         )
-        self.agent = Agent(cfg, self.env.vector_dim, self.env.num_actions, self.device)
+        self.opts, notices = fast.resolve(cfg.general, self.device)
+        for line in notices:
+            self.progress.write(line)
+        self.agent = Agent(cfg, self.env.vector_dim, self.env.num_actions, self.device, self.opts)
+        if self.opts.compile:
+            fast.compile_agent(self.agent)
         self.replay = Replay(
             cfg.train.replay_buffer_size, e.num_envs, self._replay_spec(), self.device
+        )
+        t = cfg.train
+        self.learner = fast.Learner(
+            self.agent, self.replay, t.batch_size, t.sequence_length, self.opts
         )
         self.counters = dict(
             step=0, env_steps=0, episodes=0, budget=0.0, wall_time=0.0, best_eval=-math.inf
@@ -121,9 +130,7 @@ class Trainer:
                         self.rng.integers(self.env.num_actions, size=self.env.num_envs)
                     )
                     action = action.to(self.device)
-                    carry = carry[:2] + (
-                        torch.nn.functional.one_hot(action, self.env.num_actions).float(),
-                    )
+                    carry = carry[:2] + (dists.onehot(action, self.env.num_actions),)
                 self.replay.add({**obs_t, "action": action})
                 ep_ret, ep_len = self._track_episodes(obs, ep_ret, ep_len)
                 obs = self.env.step(action.cpu().numpy())
@@ -193,8 +200,7 @@ class Trainer:
 
     def _update(self) -> None:
         cfg, c = self.cfg, self.counters
-        batch = self.replay.sample(cfg.train.batch_size, cfg.train.sequence_length)
-        metrics = self.agent.train_step(batch, c["step"] >= cfg.train.actor_warmup_steps)
+        metrics = self.learner.step(c["step"] >= cfg.train.actor_warmup_steps)
         for k, v in metrics.items():
             total, count = self._acc.get(k, (torch.zeros((), device=self.device), 0))
             self._acc[k] = (total + v.detach().float(), count + 1)

@@ -7,7 +7,6 @@ Shapes: B batch, T time, N = flattened batch, L latents, K classes per latent.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine import dists
@@ -16,8 +15,9 @@ from engine.nets import MLP, BlockGRU, ImageDecoder, ImageEncoder, cnn_channels
 
 
 class WorldModel(nn.Module):
-    def __init__(self, cfg: Config, vector_dim: int, num_actions: int):
+    def __init__(self, cfg: Config, vector_dim: int, num_actions: int, kernels: str = "torch"):
         super().__init__()
+        self.kernels = kernels
         m = cfg.models
         mlp, cnn = m.encoder.mlp, m.encoder.cnn
         self.L, self.K = mlp.latents, mlp.latent_categories
@@ -45,7 +45,7 @@ class WorldModel(nn.Module):
             self.vector_encoder = MLP(vector_dim, units, mlp.n_layers)
             self.vector_decoder = MLP(feat, units, mlp.n_layers, vector_dim)
             token_dim += units
-        self.core = BlockGRU(self.deter, self.stoch, num_actions, units, m.rnn.n_blocks)
+        self.core = BlockGRU(self.deter, self.stoch, num_actions, units, m.rnn.n_blocks, kernels)
         self.posterior_net = MLP(self.deter + token_dim, units, 1, self.stoch)
         self.prior_net = MLP(self.deter, units, 2, self.stoch)
         # Zero-initialised outputs (official outscale 0): random initial reward predictions are
@@ -83,17 +83,20 @@ class WorldModel(nn.Module):
         keep = (~is_first).to(deter.dtype).unsqueeze(-1)
         deter, prev_action = deter * keep, prev_action * keep
         stoch = stoch * keep.unsqueeze(-1)
-        deter = self.core(deter, stoch.flatten(-2), prev_action)
-        logits = self.posterior_net(torch.cat([deter, token], -1)).unflatten(-1, (self.L, self.K))
+        deter = self.core(deter, stoch.flatten(-2), prev_action).float()
+        logits = self.posterior_net(torch.cat([deter, token], -1))
+        logits = logits.float().unflatten(-1, (self.L, self.K))
         return deter, self._latent(logits), logits
 
     def img_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Prior step: imagine the next state from the action alone."""
-        deter = self.core(deter, stoch.flatten(-2), action)
+        deter = self.core(deter, stoch.flatten(-2), action).float()
         return deter, self._latent(self.prior_logits(deter))
 
     def prior_logits(self, deter: Tensor) -> Tensor:
-        return self.prior_net(deter).unflatten(-1, (self.L, self.K))
+        # The recurrent state and latent logits stay fp32 under bf16 autocast: the carry keeps
+        # one dtype (no recompiles), and KL and sampling keep their precision.
+        return self.prior_net(deter).float().unflatten(-1, (self.L, self.K))
 
     def observe(
         self, tokens: Tensor, actions: Tensor, is_first: Tensor
@@ -129,10 +132,18 @@ class WorldModel(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, Tensor]]:
         """World-model loss on a replay batch (B, T, ...). Returns the scalar loss, metrics (0-dim
         tensors, still on the device) and the posterior (deter, stoch), for imagination starts."""
-        sc = self.scales
-        actions = F.one_hot(batch["action"], self.num_actions).float()
+        actions = dists.onehot(batch["action"], self.num_actions)
         tokens = self.encode(batch)
         deter, stoch, post_logits = self.observe(tokens, actions, batch["is_first"])
+        total, metrics = self.loss_terms(batch, deter, stoch, post_logits)
+        return total, metrics, (deter.detach(), stoch.detach())
+
+    def loss_terms(
+        self, batch: dict[str, Tensor], deter: Tensor, stoch: Tensor, post_logits: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Decoders, heads and KL over the whole posterior sequence: one static-shape graph
+        (compiled on the fast path) after the step-by-step observe loop."""
+        sc = self.scales
         prior_logits = self.prior_logits(deter)  # the prior needs only deter: one batched call
         dyn, rep, kl = dists.kl_losses(post_logits, prior_logits, self.unimix, self.free_bits)
         feat = self.feat(deter, stoch)
@@ -151,7 +162,7 @@ class WorldModel(nn.Module):
             pred = pred + sc.vector_scale * sq.sum(-1)
             metrics["vector_loss"] = sq.mean().detach()
         rew_logits = self.reward_head(feat)
-        reward_loss = dists.twohot_loss(rew_logits, batch["reward"], self.bins)
+        reward_loss = dists.twohot_loss(rew_logits, batch["reward"], self.bins, impl=self.kernels)
         cont_target = (~batch["is_terminal"]).float()
         cont_loss = -dists.bernoulli_logprob(self.cont_head(feat).squeeze(-1), cont_target)
         pred = pred + sc.reward_scale * reward_loss + sc.cont_scale * cont_loss
@@ -176,4 +187,4 @@ class WorldModel(nn.Module):
             .sum(-1)
             .mean(),
         )
-        return total, metrics, (deter.detach(), stoch.detach())
+        return total, metrics

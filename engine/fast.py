@@ -1,0 +1,124 @@
+"""The fast path, as switches around the eager fp32 reference: torch.compile of the hot functions,
+bf16 autocast, Triton kernels (chosen when the agent is built) and CUDA-graph capture of the
+whole learner update. A switch that cannot apply on this device is reported once and dropped."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.config import GeneralConfig
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    compile: bool = False
+    cuda_graphs: bool = False
+    precision: str = "fp32"
+    kernels: str = "torch"
+
+
+def resolve(general: GeneralConfig, device: torch.device) -> tuple[FastOptions, list[str]]:
+    """The switches that apply on `device`, and a notice for each one dropped."""
+    notices = []
+    cuda = device.type == "cuda"
+    graphs, kernels = general.cuda_graphs, general.kernels
+    if graphs and not cuda:
+        notices.append("notice: general.cuda_graphs needs CUDA; running without graphs")
+        graphs = False
+    if kernels == "triton":
+        from kernels.twohot import HAS_TRITON
+
+        if not cuda or not HAS_TRITON:
+            why = "needs CUDA" if not cuda else "triton is not installed"
+            notices.append(f"notice: general.kernels = triton {why}; using the torch kernels")
+            kernels = "torch"
+    opts = FastOptions(general.compile, graphs, general.precision, kernels)
+    return opts, notices
+
+
+def autocast(opts: FastOptions, device: torch.device):
+    """bf16 autocast for forward passes; fp32 master weights, losses and optimizer stay fp32.
+    The cast cache is off: cached casts would be stale inside a replayed CUDA graph."""
+    if opts.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+def compile_agent(agent) -> None:
+    """Compile per function, not the program: the T-step observe and H-step imagination loops
+    call one compiled step graph each, and the loss tails are one graph each. A whole-update graph
+    unrolls every step and took minutes to compile on a CPU."""
+    wm, beh = agent.wm, agent.behavior
+    for obj, name in (
+        (wm, "encode"),
+        (wm, "obs_step"),
+        (wm, "img_step"),
+        (wm, "loss_terms"),
+        (beh, "act"),
+        (beh, "losses"),
+        (agent, "_policy"),
+    ):
+        setattr(obj, name, torch.compile(getattr(obj, name)))
+    for opt in agent.optimizers().values():
+        opt._apply = torch.compile(opt._apply)
+
+
+class Learner:
+    """One learner update: sample a batch from replay and train on it. Eagerly, or replayed from
+    a CUDA graph captured per behaviour phase (world-model-only warm-up, then full updates)."""
+
+    def __init__(self, agent, replay, batch_size: int, length: int, opts: FastOptions):
+        self.agent, self.replay = agent, replay
+        self.batch_size, self.length = batch_size, length
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]] = {}
+        self.use_graphs = opts.cuda_graphs
+
+    def step(self, train_behavior: bool) -> dict[str, Tensor]:
+        if not self.use_graphs:
+            return self._run(train_behavior)
+        if train_behavior not in self.graphs:
+            self.graphs[train_behavior] = self._capture(train_behavior)
+        graph, out = self.graphs[train_behavior]
+        graph.replay()
+        return out
+
+    def _run(self, train_behavior: bool) -> dict[str, Tensor]:
+        batch = self.replay.sample(self.batch_size, self.length)
+        return self.agent.train_step(batch, train_behavior)
+
+    def _capture(self, train_behavior: bool):
+        # Warm-up iterations (needed before capture: lazy init, compilation, allocator) are real
+        # updates; the agent's state is restored after them so no update is applied twice.
+        saved = _snapshot(self.agent)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._run(train_behavior)
+        torch.cuda.current_stream().wait_stream(stream)
+        _restore(self.agent, saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._run(train_behavior)
+        return graph, out
+
+
+def _snapshot(agent) -> dict:
+    return {
+        "agent": copy.deepcopy(agent.state_dict()),
+        "optim": {k: copy.deepcopy(o.state_dict()) for k, o in agent.optimizers().items()},
+    }
+
+
+def _restore(agent, saved: dict) -> None:
+    # In place: the graph will read these very tensors.
+    with torch.no_grad():
+        for k, v in agent.state_dict().items():
+            v.copy_(saved["agent"][k])
+    for k, o in agent.optimizers().items():
+        o.load_state_dict(saved["optim"][k])
