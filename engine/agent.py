@@ -14,6 +14,7 @@ from engine import dists
 from engine.behavior import Behavior
 from engine.config import Config
 from engine.fast import FastOptions, autocast
+from engine.nvtx import nvtx_range
 from engine.optim import Adam, step_together
 from engine.world_model import WorldModel
 
@@ -58,10 +59,11 @@ class Agent(nn.Module):
     def train_step(self, batch: dict[str, Tensor], train_behavior: bool) -> dict[str, Tensor]:
         """One learner update on a replay batch (B, T, ...). Returns 0-dim metric tensors."""
         t = self.cfg.train
-        with autocast(self.opts, self.device):
+        with nvtx_range("world_model/forward"), autocast(self.opts, self.device):
             loss, metrics, (deter, stoch) = self.wm.loss(batch)
         if self.cfg.general.train_world_model:
-            metrics["wm_grad_norm"] = self.wm_opt.step(loss)
+            with nvtx_range("world_model/backward+optimizer"):
+                metrics["wm_grad_norm"] = self.wm_opt.step(loss)
         if train_behavior:
             start_cont = (~batch["is_terminal"]).flatten().float()
             with autocast(self.opts, self.device):
@@ -75,9 +77,10 @@ class Agent(nn.Module):
             metrics.update(beh)
             # The actor's loss does not depend on the critic's parameters nor the critic's on the
             # actor's, so the gradient of the sum w.r.t. each set is that set's own gradient.
-            norms = step_together(actor_loss + critic_loss, [self.actor_opt, self.critic_opt])
-            metrics["actor_grad_norm"], metrics["critic_grad_norm"] = norms
-            self.behavior.update_slow_critic()
+            with nvtx_range("actor_critic/backward+optimizer"):
+                norms = step_together(actor_loss + critic_loss, [self.actor_opt, self.critic_opt])
+                metrics["actor_grad_norm"], metrics["critic_grad_norm"] = norms
+                self.behavior.update_slow_critic()
         return metrics
 
     # ---- Acting -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from engine import dists
 from engine.config import Config
 from engine.nets import MLP
+from engine.nvtx import nvtx_range
 
 
 def lambda_returns(reward: Tensor, cont: Tensor, value: Tensor, gamma: float, lam: float) -> Tensor:
@@ -105,8 +106,10 @@ class Behavior(nn.Module):
         self, wm, deter: Tensor, stoch: Tensor, start_cont: Tensor, entropy_coef: float
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Actor and critic losses from posterior starts (N, ...). start_cont: (N,) 1 - terminal."""
-        feats, actions = self.imagine(wm, deter, stoch)
-        return self.losses(wm, feats, actions, start_cont, entropy_coef)
+        with nvtx_range("behavior/imagine"):
+            feats, actions = self.imagine(wm, deter, stoch)
+        with nvtx_range("behavior/actor_critic_forward"):
+            return self.losses(wm, feats, actions, start_cont, entropy_coef)
 
     def losses(
         self, wm, feats: Tensor, actions: Tensor, start_cont: Tensor, entropy_coef: float

@@ -1,7 +1,11 @@
-"""Adam with all of its state on the device: step count and learning rate are tensors, the
-gradient-norm clip is computed without leaving the device. torch.optim.Adam reads its step count
-with .item() unless capturable=True, which it only allows on CUDA; this one has no host sync on
-any device, so the whole update can be compiled and captured in a CUDA graph."""
+"""Adam with all of its state on the device: the step count and learning rate are tensors and
+the gradient-norm clip never leaves the device. torch.optim.Adam reads its step count with
+.item() unless capturable=True, which it only allows on CUDA; this one has no host sync on any
+device, so the whole update can be compiled and captured in a CUDA graph.
+
+The update is torch's fused Adam kernel (one pass over parameters, gradients and both moments;
+the clip is folded in as its `grad_scale` divisor): at d256 (13.8M world-model parameters) the
+eight separate foreach passes it replaces took ~0.25 s per update on the 2-core CPU."""
 
 from __future__ import annotations
 
@@ -36,22 +40,16 @@ class Adam:
         return step_together(loss, [self])[0]
 
     def _apply(self, grads: list[Tensor]) -> Tensor:
-        b1, b2 = self.betas
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if self.clip > 0:
-            torch._foreach_mul_(grads, torch.clamp(self.clip / (norm + 1e-6), max=1.0))
-        if self.weight_decay:
-            torch._foreach_add_(grads, self.params, alpha=self.weight_decay)
+        # The kernel divides gradients by grad_scale: >1 exactly when the norm exceeds the clip.
+        scale = torch.clamp((norm + 1e-6) / self.clip, min=1.0) if self.clip > 0 else None
         self.count.add_(1)
-        torch._foreach_lerp_(self.m, grads, 1 - b1)
-        torch._foreach_mul_(self.v, b2)
-        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
-        denom = torch._foreach_sqrt(self.v)
-        torch._foreach_div_(denom, torch.sqrt(1 - b2**self.count))
-        torch._foreach_add_(denom, self.eps)
-        update = torch._foreach_div(self.m, denom)
-        torch._foreach_mul_(update, self.lr / (1 - b1**self.count))
-        torch._foreach_sub_(self.params, update)
+        b1, b2 = self.betas
+        torch._fused_adam_(
+            self.params, grads, self.m, self.v, [], [self.count] * len(self.params),
+            lr=self.lr, beta1=b1, beta2=b2, weight_decay=self.weight_decay, eps=self.eps,
+            amsgrad=False, maximize=False, grad_scale=scale, found_inf=None,
+        )  # fmt: skip
         return norm
 
     def state_dict(self) -> dict:
@@ -73,7 +71,13 @@ def step_together(loss: Tensor, optimizers: list[Adam]) -> list[Tensor]:
     one backward, which a second autograd.grad call could not run again. Returns the norms."""
     params = [p for opt in optimizers for p in opt.params]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    # The fused kernel walks parameters and gradients as flat memory: a gradient whose strides
+    # differ from its parameter's (inductor returns conv-transpose weight gradients in
+    # channels-last order) would be applied to the wrong elements.
+    grads = [
+        torch.zeros_like(p) if g is None else g if g.stride() == p.stride() else _like(g, p)
+        for p, g in zip(params, grads)
+    ]
     norms, i = [], 0
     with torch.no_grad():
         for opt in optimizers:
@@ -81,3 +85,9 @@ def step_together(loss: Tensor, optimizers: list[Adam]) -> list[Tensor]:
             norms.append(opt._apply(grads[i : i + n]))
             i += n
     return norms
+
+
+def _like(g: Tensor, p: Tensor) -> Tensor:
+    out = torch.empty_like(p)
+    out.copy_(g)
+    return out

@@ -15,6 +15,23 @@ from torch import Tensor
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
+def transition_spec(image_size: int, vector_dim: int) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Field -> (shape, dtype) of one stored environment step: image (uint8 HWC) when
+    image_size > 0, vector when vector_dim > 0."""
+    spec = {
+        "action": ((), torch.int64),
+        "reward": ((), torch.float32),
+        "is_first": ((), torch.bool),
+        "is_last": ((), torch.bool),
+        "is_terminal": ((), torch.bool),
+    }
+    if image_size:
+        spec["image"] = ((image_size, image_size, 3), torch.uint8)
+    if vector_dim:
+        spec["vector"] = ((vector_dim,), torch.float32)
+    return spec
+
+
 class Replay:
     def __init__(self, capacity: int, num_envs: int, spec: Spec, device: torch.device):
         self.num_envs = num_envs

@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--run-dir", help="run directory (default runs/<MM-DD_HHMM>_<config name>)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides general.device")
+    p.add_argument(
+        "--profile",
+        metavar="START:STOP",
+        help="profile learner steps START..STOP "
+        "(NVTX + cudaProfilerStart/Stop; overrides general.profile)",
+    )
     return p.parse_args(argv)
 
 
@@ -51,6 +57,7 @@ def default_run_dir(name: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"general.device={args.device}"] if args.device else [])
+    overrides += [f'general.profile="{args.profile}"'] if args.profile else []
     try:
         if args.resume:
             run_dir = Path(args.resume)

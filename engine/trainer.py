@@ -15,10 +15,11 @@ from torch import Tensor
 
 from engine import checkpoint, dists, fast
 from engine.agent import Agent
-from engine.config import Config, save_toml, to_dict
+from engine.config import Config, profile_window, save_toml, to_dict
 from engine.envs import make_env
 from engine.logger import MetricsLog, Progress, truncate_metrics
-from engine.replay import Replay
+from engine.nvtx import ProfileWindow, nvtx_range
+from engine.replay import Replay, transition_spec
 
 # Training-line keys that exist only once the actor trains; logged as null during warm-up.
 BEHAVIOR_KEYS = ("actor_loss", "actor_entropy", "critic_loss", "dream_reward", "dream_value")
@@ -88,23 +89,15 @@ class Trainer:
         self.log = MetricsLog(run_dir / "metrics.jsonl")
         self.rng = np.random.default_rng(seed + c["env_steps"])
         self._acc: dict[str, tuple[Tensor, int]] = {}
+        trace = run_dir / "trace.json" if cfg.general.trace else None
+        self.window = ProfileWindow(profile_window(cfg.general.profile), trace)
         self.last_return = float("nan")
         self.last_eval = float("nan")
 
     def _replay_spec(self):
-        spec = {
-            "action": ((), torch.int64),
-            "reward": ((), torch.float32),
-            "is_first": ((), torch.bool),
-            "is_last": ((), torch.bool),
-            "is_terminal": ((), torch.bool),
-        }
-        if self.cfg.image_size:
-            s = self.cfg.image_size
-            spec["image"] = ((s, s, 3), torch.uint8)
-        if self.cfg.env.vector:
-            spec["vector"] = ((self.env.vector_dim,), torch.float32)
-        return spec
+        return transition_spec(
+            self.cfg.image_size, self.env.vector_dim if self.cfg.env.vector else 0
+        )
 
     # ---- The loop -----------------------------------------------------------------------------
 
@@ -114,26 +107,17 @@ class Trainer:
         self.progress.write(f"parameters: {n}")
         self.progress.write(f"run directory: {self.run_dir}")
         per_update = t.batch_size * t.sequence_length
-        obs = self.env.reset()
-        carry = self.agent.initial_carry(self.env.num_envs, self.device)
-        ep_ret = np.zeros(self.env.num_envs)
-        ep_len = np.zeros(self.env.num_envs, dtype=np.int64)
+        self._obs = self.env.reset()
+        self._carry = self.agent.initial_carry(self.env.num_envs, self.device)
+        self._ep_ret = np.zeros(self.env.num_envs)
+        self._ep_len = np.zeros(self.env.num_envs, dtype=np.int64)
         start = self._started = time.perf_counter()
         self._interval = (start, c["step"], c["env_steps"])
         previous = _install_sigterm()
         try:
             while not self._done():
-                obs_t = self._to_device(obs)
-                action, carry = self.agent.policy(obs_t, carry)
-                if self.random_policy and c["env_steps"] < self.train_from:
-                    action = torch.from_numpy(
-                        self.rng.integers(self.env.num_actions, size=self.env.num_envs)
-                    )
-                    action = action.to(self.device)
-                    carry = carry[:2] + (dists.onehot(action, self.env.num_actions),)
-                self.replay.add({**obs_t, "action": action})
-                ep_ret, ep_len = self._track_episodes(obs, ep_ret, ep_len)
-                obs = self.env.step(action.cpu().numpy())
+                with nvtx_range("collect"):
+                    self._collect()
                 c["env_steps"] += self.env.num_envs
                 if self._ready():
                     c["budget"] += self.env.num_envs * t.train_ratio / per_update
@@ -158,6 +142,7 @@ class Trainer:
                 except ValueError:
                     pass
         c["wall_time"] += time.perf_counter() - start
+        self.window.stop()
         self._log_train()
         size = self._checkpoint("latest")
         self.progress.close()
@@ -170,6 +155,19 @@ class Trainer:
             best_eval=c["best_eval"],
             checkpoint_bytes=size,
         )
+
+    def _collect(self) -> None:
+        """One step of every training env: act, store (obs_t, action_t), step the envs."""
+        c = self.counters
+        obs_t = self._to_device(self._obs)
+        action, self._carry = self.agent.policy(obs_t, self._carry)
+        if self.random_policy and c["env_steps"] < self.train_from:
+            action = torch.from_numpy(self.rng.integers(self.env.num_actions, size=len(action)))
+            action = action.to(self.device)
+            self._carry = self._carry[:2] + (dists.onehot(action, self.env.num_actions),)
+        self.replay.add({**obs_t, "action": action})
+        self._track_episodes(self._obs)
+        self._obs = self.env.step(action.cpu().numpy())
 
     def _done(self) -> bool:
         c, t = self.counters, self.cfg.train
@@ -186,20 +184,20 @@ class Trainer:
     def _to_device(self, obs: dict[str, np.ndarray]) -> dict[str, Tensor]:
         return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in obs.items()}
 
-    def _track_episodes(self, obs, ep_ret, ep_len):
-        ep_ret = np.where(obs["is_first"], 0.0, ep_ret) + obs["reward"]
-        ep_len = np.where(obs["is_first"], 0, ep_len + 1)
+    def _track_episodes(self, obs) -> None:
+        ep_ret = self._ep_ret = np.where(obs["is_first"], 0.0, self._ep_ret) + obs["reward"]
+        ep_len = self._ep_len = np.where(obs["is_first"], 0, self._ep_len + 1)
         c = self.counters
         for i in np.flatnonzero(obs["is_last"]):
             c["episodes"] += 1
             self.last_return = float(ep_ret[i])
             self._record("episode", episode_return=self.last_return, episode_length=int(ep_len[i]))
-        return ep_ret, ep_len
 
     # ---- Learning -----------------------------------------------------------------------------
 
     def _update(self) -> None:
         cfg, c = self.cfg, self.counters
+        self.window.at_step(c["step"])
         metrics = self.learner.step(c["step"] >= cfg.train.actor_warmup_steps)
         for k, v in metrics.items():
             total, count = self._acc.get(k, (torch.zeros((), device=self.device), 0))
@@ -253,6 +251,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Run `eval_episodes` episodes in parallel, one per eval environment."""
+        with nvtx_range("evaluate"):
+            return self._evaluate()
+
+    def _evaluate(self) -> float:
         env, c = self.eval_env, self.counters
         greedy = self.cfg.log.eval_policy == "mode"
         obs = env.reset()

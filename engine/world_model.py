@@ -11,7 +11,15 @@ from torch import Tensor, nn
 
 from engine import dists
 from engine.config import Config
-from engine.nets import MLP, BlockGRU, ImageDecoder, ImageEncoder, cnn_channels
+from engine.nets import (
+    MLP,
+    BlockGRU,
+    ImageDecoder,
+    ImageEncoder,
+    Linear,
+    RMSNorm,
+    cnn_channels,
+)
 
 
 class WorldModel(nn.Module):
@@ -46,7 +54,13 @@ class WorldModel(nn.Module):
             self.vector_decoder = MLP(feat, units, mlp.n_layers, vector_dim)
             token_dim += units
         self.core = BlockGRU(self.deter, self.stoch, num_actions, units, m.rnn.n_blocks, kernels)
-        self.posterior_net = MLP(self.deter + token_dim, units, 1, self.stoch)
+        # The posterior's first layer acts on concat(deter, token); it is split in two so the
+        # token half runs once over all T steps (in `encode`) instead of inside the observe loop,
+        # where each step would also write its own full-size weight gradient.
+        fan_in = self.deter + token_dim
+        self.post_token = Linear(token_dim, units, bias=False, outscale=token_dim / fan_in)
+        self.post_deter = Linear(self.deter, units, outscale=self.deter / fan_in)
+        self.post_out = nn.Sequential(RMSNorm(units), nn.SiLU(), Linear(units, self.stoch))
         self.prior_net = MLP(self.deter, units, 2, self.stoch)
         # Zero-initialised outputs (official outscale 0): random initial reward predictions are
         # how dream values explode (the archive saw 8.9e7).
@@ -63,7 +77,8 @@ class WorldModel(nn.Module):
         )
 
     def encode(self, obs: dict[str, Tensor]) -> Tensor:
-        """Observations with leading dims (...) -> tokens (..., E)."""
+        """Observations with leading dims (...) -> tokens (..., units): the embedding, already
+        through the token half of the posterior's first layer."""
         parts = []
         if self.use_image:
             img = obs["image"]
@@ -71,7 +86,7 @@ class WorldModel(nn.Module):
             parts.append(self.image_encoder(img.reshape(-1, *img.shape[-3:])).reshape(*lead, -1))
         if self.use_vector:
             parts.append(self.vector_encoder(dists.symlog(obs["vector"])))
-        return torch.cat(parts, -1)
+        return self.post_token(torch.cat(parts, -1))
 
     def _latent(self, logits: Tensor) -> Tensor:
         return dists.sample_onehot(dists.unimix_probs(logits, self.unimix))
@@ -84,7 +99,7 @@ class WorldModel(nn.Module):
         deter, prev_action = deter * keep, prev_action * keep
         stoch = stoch * keep.unsqueeze(-1)
         deter = self.core(deter, stoch.flatten(-2), prev_action).float()
-        logits = self.posterior_net(torch.cat([deter, token], -1))
+        logits = self.post_out(self.post_deter(deter) + token)
         logits = logits.float().unflatten(-1, (self.L, self.K))
         return deter, self._latent(logits), logits
 

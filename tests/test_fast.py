@@ -6,7 +6,7 @@ import torch
 from engine import fast
 from engine.agent import Agent
 from engine.config import load_config
-from engine.replay import Replay
+from engine.replay import Replay, transition_spec
 from tests.test_world_model import synthetic_batch
 
 CUDA = torch.cuda.is_available()
@@ -33,14 +33,6 @@ def one_update(overrides=(), device="cpu"):
     return {k: v.float().item() for k, v in metrics.items()}, params.float().cpu()
 
 
-def assert_same_update(a, b, rtol, atol):
-    (ma, pa), (mb, pb) = a, b
-    assert ma.keys() == mb.keys()
-    for k in ma:
-        assert mb[k] == pytest.approx(ma[k], rel=rtol, abs=atol), k
-    torch.testing.assert_close(pb, pa, rtol=rtol, atol=atol)
-
-
 def test_switches_that_cannot_apply_fall_back_with_a_notice():
     cfg = load_config("configs/tiny.toml", ["general.cuda_graphs=true", "general.kernels=triton"])
     opts, notices = fast.resolve(cfg.general, torch.device("cpu"))
@@ -54,7 +46,18 @@ def test_compiled_update_matches_eager(monkeypatch):
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     eager = one_update()
     compiled = one_update(["general.compile=true"])
-    assert_same_update(eager, compiled, rtol=1e-4, atol=1e-5)
+    (m_e, _), (m_c, _) = eager, compiled
+    for k in m_e:
+        assert m_c[k] == pytest.approx(m_e[k], rel=1e-4, abs=1e-5), k
+    # Adam's first step is lr * sign(grad); where a gradient is ~0 (decoder weights at init)
+    # float reordering flips that sign. A large eps makes the step lr * grad / eps, so the
+    # parameter change compares the gradients themselves.
+    big_eps = ["train.adam_eps=10"]
+    start = torch.cat([p.detach().flatten() for p in make(big_eps)[1].parameters()])
+    delta_e = one_update(big_eps)[1] - start
+    delta_c = one_update(["general.compile=true", *big_eps])[1] - start
+    assert delta_e.abs().max() > 0
+    torch.testing.assert_close(delta_c, delta_e, rtol=1e-3, atol=1e-3 * delta_e.abs().max().item())
 
 
 def test_bf16_update_tracks_fp32():
@@ -62,26 +65,29 @@ def test_bf16_update_tracks_fp32():
     metrics, params = one_update(["general.precision=bf16"])
     for k in ("wm_loss", "image_loss", "reward_loss", "continue_loss", "critic_loss"):
         assert metrics[k] == pytest.approx(ref_metrics[k], rel=0.05), k
-    for k in ("wm_grad_norm", "critic_grad_norm"):  # measured: 15% apart at init (wm)
-        assert metrics[k] == pytest.approx(ref_metrics[k], rel=0.25), k
-    start = torch.cat([p.detach().flatten() for p in make()[1].parameters()])
-    # Adam's first step is lr * sign(grad): where a gradient is near zero, bf16 rounding can flip
-    # its sign, so the two updates agree in direction, not bit for bit (measured cosine ~0.9).
-    cos = torch.nn.functional.cosine_similarity(ref_params - start, params - start, dim=0)
-    assert cos > 0.85
+    # Not wm_grad_norm: at init it is dominated by the biases of the RSSM input layers, whose
+    # RMSNorm sees an all-zero state on is_first steps and scales their gradient by 1/sqrt(eps);
+    # bf16 noise upstream of that makes the norm differ ~2x (measured 23,366 vs 10,469).
+    assert metrics["critic_grad_norm"] == pytest.approx(ref_metrics["critic_grad_norm"], rel=0.25)
+    # Adam's first step is lr * sign(grad), and where a gradient is near zero at init, bf16
+    # rounding flips it: one step is a poor comparison. Thirty steps on one batch must learn alike.
+    curves = {}
+    for mode in ([], ["general.precision=bf16"]):
+        cfg, agent, _ = make(mode)
+        batch = synthetic_batch(cfg, 4, 6)
+        torch.manual_seed(5)
+        curves[bool(mode)] = [agent.train_step(batch, True) for _ in range(30)]
+    (ref, got) = curves[False], curves[True]
+    drop_ref = ref[0]["wm_loss"] - ref[-1]["wm_loss"]
+    drop = got[0]["wm_loss"] - got[-1]["wm_loss"]
+    assert drop_ref > 10 and drop == pytest.approx(drop_ref.item(), rel=0.25)
+    for k in ("image_loss", "reward_loss", "critic_loss", "wm_grad_norm"):
+        assert got[-1][k] == pytest.approx(ref[-1][k].item(), rel=0.1), k
 
 
 def test_eager_learner_samples_and_trains():
     cfg, agent, opts = make()
-    spec = {
-        "image": ((64, 64, 3), torch.uint8),
-        "vector": ((4,), torch.float32),
-        "action": ((), torch.int64),
-        "reward": ((), torch.float32),
-        "is_first": ((), torch.bool),
-        "is_last": ((), torch.bool),
-        "is_terminal": ((), torch.bool),
-    }
+    spec = transition_spec(64, 4)
     replay = Replay(256, 2, spec, torch.device("cpu"))
     batch = synthetic_batch(cfg, 2, 40)
     for t in range(40):
@@ -108,15 +114,7 @@ def test_gpu_fast_modes_match_eager(overrides):
 def test_cuda_graph_update_matches_eager_and_never_syncs():
     cfg, agent, _ = make(device="cuda")
     cfg2, agent2, opts2 = make(["general.cuda_graphs=true"], device="cuda")
-    spec = {
-        "image": ((64, 64, 3), torch.uint8),
-        "vector": ((4,), torch.float32),
-        "action": ((), torch.int64),
-        "reward": ((), torch.float32),
-        "is_first": ((), torch.bool),
-        "is_last": ((), torch.bool),
-        "is_terminal": ((), torch.bool),
-    }
+    spec = transition_spec(64, 4)
     batch = synthetic_batch(cfg, 2, 40)
     replays = []
     for _ in range(2):

@@ -38,3 +38,26 @@ def test_state_round_trip_and_lr_change():
     before = w2.detach().clone()
     opt2.step((w2**2).sum())
     torch.testing.assert_close(w2.detach(), before)
+
+
+def test_gradient_with_other_strides_updates_the_right_elements():
+    # Compiled backward can hand back a conv weight gradient in channels-last order; the fused
+    # kernel walks memory, so the optimizer must lay the gradient out like its parameter.
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(2, 3, 4, 4))
+    target = torch.randn(2, 3, 4, 4)
+
+    class ChannelsLastGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.contiguous(memory_format=torch.channels_last)
+
+    ref = torch.nn.Parameter(w.detach().clone())
+    opt, opt_ref = Adam([w], 0.1), Adam([ref], 0.1)
+    opt.step((ChannelsLastGrad.apply(w) * target).sum())
+    opt_ref.step((ref * target).sum())
+    torch.testing.assert_close(w, ref)

@@ -14,7 +14,7 @@ def test_rssm_resets_on_is_first():
     torch.manual_seed(0)
     wm = WorldModel(tiny_cfg(), vector_dim=4, num_actions=2)
     n = 5
-    token = torch.randn(n, wm.posterior_net.hidden[0][0].in_features - wm.deter)
+    token = torch.randn(n, wm.post_deter.out_features)
     action = F.one_hot(torch.randint(2, (n,)), 2).float()
     first = torch.ones(n, dtype=torch.bool)
     zero_deter, zero_stoch = wm.initial(n, torch.device("cpu"))
@@ -36,7 +36,7 @@ def test_observe_resets_inside_a_sequence():
     torch.manual_seed(0)
     wm = WorldModel(tiny_cfg(), vector_dim=4, num_actions=2)
     B, T, k = 2, 6, 3
-    tokens = torch.randn(B, T, wm.posterior_net.hidden[0][0].in_features - wm.deter)
+    tokens = torch.randn(B, T, wm.post_deter.out_features)
     actions = F.one_hot(torch.randint(2, (B, T)), 2).float()
     is_first = torch.zeros(B, T, dtype=torch.bool)
     is_first[:, k] = True

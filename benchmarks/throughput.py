@@ -1,0 +1,270 @@
+"""Learner throughput per fast-path mode: updates/s, replayed steps/s, ms/update, compile time,
+peak memory. No environment: the replay buffer is filled with synthetic episodes.
+
+    python -m benchmarks.throughput --config configs/cartpole_d256.toml \
+        --modes eager,compile,graphs,full --updates 50 --json out.json
+
+Each (mode, shape) runs in a fresh process, so compile caches and peak memory do not leak from
+one measurement into the next. Modes that cannot apply on this machine (graphs or Triton without
+CUDA) are run with what does apply, and the record says which switches were dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = {
+    "eager": [],
+    "compile": ["general.compile=true"],
+    "bf16": ["general.precision=bf16"],
+    "triton": ["general.kernels=triton"],
+    "graphs": ["general.cuda_graphs=true"],
+    "compile_bf16": ["general.compile=true", "general.precision=bf16"],
+    "full": [
+        "general.compile=true",
+        "general.cuda_graphs=true",
+        "general.precision=bf16",
+        "general.kernels=triton",
+    ],
+}
+WARMUP = 3  # compile / capture happen in these
+
+
+def synthetic_replay(cfg, agent_device, num_actions: int, vector_dim: int, steps: int):
+    """Episodes of random length with smooth frames, written the way the trainer writes them."""
+    import torch
+
+    from engine.replay import Replay, transition_spec
+
+    n = cfg.env.num_envs
+    s = cfg.image_size
+    spec = transition_spec(s, vector_dim if cfg.env.vector else 0)
+    replay = Replay(max(steps * n, cfg.train.replay_buffer_size), n, spec, agent_device)
+    g = torch.Generator().manual_seed(0)
+    age = torch.zeros(n, dtype=torch.int64)
+    for _ in range(steps):
+        last = torch.rand(n, generator=g) < 0.02
+        step = {
+            "action": torch.randint(num_actions, (n,), generator=g),
+            "reward": torch.ones(n),
+            "is_first": age == 0,
+            "is_last": last,
+            "is_terminal": last,
+        }
+        if s:
+            ramp = (torch.arange(s) * 3 + age[:, None] * 5) % 256
+            step["image"] = ramp[:, None, :, None].expand(n, s, s, 3).to(torch.uint8)
+        if cfg.env.vector:
+            step["vector"] = torch.randn(n, vector_dim, generator=g)
+        replay.add({k: v.to(agent_device) for k, v in step.items()})
+        age = torch.where(last, 0, age + 1)
+    return replay
+
+
+def measure(config: str, mode: str, batch: int, length: int, updates: int) -> dict:
+    """One mode at one shape, in this process."""
+    import torch
+
+    from engine import fast
+    from engine.agent import Agent
+    from engine.config import load_config
+    from engine.trainer import resolve_device
+
+    overrides = [f"train.batch_size={batch}", f"train.sequence_length={length}", *MODES[mode]]
+    cfg = load_config(config, overrides)
+    device, _ = resolve_device(cfg.general.device)
+    opts, notices = fast.resolve(cfg.general, device)
+    num_actions, vector_dim = (2, 4) if cfg.env.name == "CartPole-v1" else (4, 8)
+    torch.manual_seed(0)
+    agent = Agent(cfg, vector_dim, num_actions, device, opts)
+    if opts.compile:
+        fast.compile_agent(agent)
+    replay = synthetic_replay(cfg, device, num_actions, vector_dim, steps=max(4 * length, 200))
+    learner = fast.Learner(agent, replay, batch, length, opts)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(WARMUP):
+        learner.step(True)
+    sync()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(updates):
+        learner.step(True)
+    sync()
+    elapsed = time.perf_counter() - t0
+    ms = 1000 * elapsed / updates
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        name = torch.cuda.get_device_name()
+    else:  # process peak RSS (KiB on Linux): the run is alone in its process
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        name = platform.processor() or platform.machine()
+        name = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads) {name}"
+    return dict(
+        mode=mode,
+        device_name=name,
+        batch_size=batch,
+        sequence_length=length,
+        updates=updates,
+        updates_per_sec=updates / elapsed,
+        replayed_steps_per_sec=updates * batch * length / elapsed,
+        ms_per_update=ms,
+        compile_sec=max(warm - WARMUP * ms / 1000, 0.0),
+        peak_mem_mb=peak,
+        params=agent.num_params(),
+        switches=dict(
+            compile=opts.compile,
+            cuda_graphs=opts.cuda_graphs,
+            precision=opts.precision,
+            kernels=opts.kernels,
+        ),
+        dropped=notices,
+    )
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _table(records: list[dict]) -> str:
+    head = (
+        f"{'mode':<13} {'shape':>7} {'upd/s':>8} {'steps/s':>9} {'ms/upd':>8} "
+        f"{'compile s':>9} {'peak MB':>8} {'x eager':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    eager = {
+        (r["batch_size"], r["sequence_length"]): r["ms_per_update"]
+        for r in records
+        if r["mode"] == "eager"
+    }
+    for r in records:
+        shape = (r["batch_size"], r["sequence_length"])
+        ratio = eager[shape] / r["ms_per_update"] if shape in eager else float("nan")
+        lines.append(
+            f"{r['mode']:<13} {shape[0]:>3}x{shape[1]:<3} {r['updates_per_sec']:>8.2f} "
+            f"{r['replayed_steps_per_sec']:>9.0f} {r['ms_per_update']:>8.1f} "
+            f"{r['compile_sec']:>9.1f} {r['peak_mem_mb']:>8.0f} {ratio:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__)
+    p.add_argument("--config", default="configs/cartpole_d256.toml")
+    p.add_argument(
+        "--modes",
+        default="eager,compile,graphs,full",
+        help=f"comma-separated, from: {', '.join(MODES)}",
+    )
+    p.add_argument(
+        "--shapes",
+        default="config,16x64",
+        help="BxT list; 'config' is the config's batch x sequence length",
+    )
+    p.add_argument("--updates", type=int, default=20, help="timed updates per mode")
+    p.add_argument("--json", help="write the records here")
+    p.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="reuse torch.compile's on-disk cache (compile_sec then measures a warm start)",
+    )
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "mode,B,T" in this process
+    args = p.parse_args(argv)
+
+    if args.one:
+        mode, b, t = args.one.split(",")
+        print(json.dumps(measure(args.config, mode, int(b), int(t), args.updates)))
+        return
+
+    from engine.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        sys.exit(f"error: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    shapes = []
+    for s in args.shapes.split(","):
+        shape = (
+            (cfg.train.batch_size, cfg.train.sequence_length)
+            if s == "config"
+            else tuple(int(x) for x in s.split("x"))
+        )
+        if shape not in shapes:
+            shapes.append(shape)
+    records = []
+    for b, t in shapes:
+        for mode in modes:
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.throughput",
+                "--config",
+                args.config,
+                "--updates",
+                str(args.updates),
+                "--one",
+                f"{mode},{b},{t}",
+            ]
+            env = dict(os.environ)
+            if not args.warm_cache:  # compile_sec is a cold compile unless asked otherwise
+                env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
+                print(f"{mode} {b}x{t}: failed: {tail[0]}", file=sys.stderr)
+                continue
+            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            records.append(rec)
+            print(
+                f"{mode} {b}x{t}: {rec['ms_per_update']:.1f} ms/update", file=sys.stderr, flush=True
+            )
+    print(_table(records))
+    if args.json:
+        import torch
+
+        meta = dict(
+            config=args.config,
+            date=time.strftime("%Y-%m-%d %H:%M:%S"),
+            commit=_commit(),
+            torch=torch.__version__,
+            python=platform.python_version(),
+            machine=platform.node(),
+            device_name=records[0]["device_name"] if records else None,
+        )
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+
+
+if __name__ == "__main__":
+    main()
