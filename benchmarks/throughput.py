@@ -28,12 +28,15 @@ MODES = {
     "bf16": ["general.precision=bf16"],
     "triton": ["general.kernels=triton"],
     "graphs": ["general.cuda_graphs=true"],
+    "batched": ["general.batched_wgrad=true"],
     "compile_bf16": ["general.compile=true", "general.precision=bf16"],
+    "cpu_fast": ["general.compile=true", "general.precision=bf16", "general.batched_wgrad=true"],
     "full": [
         "general.compile=true",
         "general.cuda_graphs=true",
         "general.precision=bf16",
         "general.kernels=triton",
+        "general.batched_wgrad=true",
     ],
 }
 WARMUP = 3  # compile / capture happen in these

@@ -34,7 +34,7 @@ class Agent(nn.Module):
         opts = opts or FastOptions()
         self.cfg, self.opts, self.device = cfg, opts, torch.device(device)
         self.num_actions = num_actions
-        self.wm = WorldModel(cfg, vector_dim, num_actions, opts.kernels)
+        self.wm = WorldModel(cfg, vector_dim, num_actions, opts.kernels, opts.batched_wgrad)
         self.behavior = Behavior(cfg, num_actions, opts.kernels)
         self.to(device)  # before the optimizers: their state lives beside the parameters
         t = cfg.train

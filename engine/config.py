@@ -47,6 +47,9 @@ class GeneralConfig:
     """fp32 | bf16: bf16 autocast of the forward passes, fp32 master weights and optimizer."""
     kernels: str = "torch"
     """torch | triton: the block-GRU and two-hot losses as fused Triton kernels (CUDA only)."""
+    batched_wgrad: bool = False
+    """Form the observe loop's recurrent weight gradients once per sequence (one matmul over
+    all T x B rows) instead of per step: same gradient, far less memory traffic."""
     profile: str = ""
     """START:STOP learner steps to profile: NVTX ranges plus cudaProfilerStart/Stop for
     `nsys --capture-range=cudaProfilerApi`; empty disables."""
@@ -141,6 +144,9 @@ class TrainConfig:
     """Global-norm gradient clipping of the world model; 0 disables."""
     actor_grad_clip: float = 100.0
     critic_grad_clip: float = 100.0
+    async_collection: bool = True
+    """Step the training envs in a background thread while the learner updates (same data as
+    stepping inline: the step in flight only produces the next observation)."""
     actor_warmup_steps: int = 1000
     """World-model-only updates before the actor and critic start training."""
     bootstrap_steps: int = 10000

@@ -21,6 +21,7 @@ class FastOptions:
     cuda_graphs: bool = False
     precision: str = "fp32"
     kernels: str = "torch"
+    batched_wgrad: bool = False
 
 
 def resolve(general: GeneralConfig, device: torch.device) -> tuple[FastOptions, list[str]]:
@@ -38,7 +39,7 @@ def resolve(general: GeneralConfig, device: torch.device) -> tuple[FastOptions, 
             why = "needs CUDA" if not cuda else "triton is not installed"
             notices.append(f"notice: general.kernels = triton {why}; using the torch kernels")
             kernels = "torch"
-    opts = FastOptions(general.compile, graphs, general.precision, kernels)
+    opts = FastOptions(general.compile, graphs, general.precision, kernels, general.batched_wgrad)
     return opts, notices
 
 
@@ -59,6 +60,7 @@ def compile_agent(agent) -> None:
     for obj, name in (
         (wm, "encode"),
         (wm, "obs_step"),
+        (wm, "obs_step_tapped"),
         (wm, "img_step"),
         (wm, "loss_terms"),
         (beh, "act"),

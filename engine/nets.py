@@ -31,6 +31,47 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+class WeightGradTap(torch.autograd.Function):
+    """Batched weight gradients for a layer applied step by step in a recurrent loop.
+
+    Per step, autograd would form the weight gradient x_t^T g_t from a handful of rows (the batch)
+    and add it into a full-size gradient: T rank-B updates that each read and write every weight.
+    At d256 that is ~7M weights x 25 steps, and it was the largest cost of a CPU update. Instead,
+    the loop uses the weights detached and adds a zero "tap" to the layer's output; the tap's
+    gradient is exactly g_t, and this function's backward, which runs once all steps' gradients
+    have arrived, turns them into X^T G: one matmul over all T x B rows.
+
+    forward(weight, inputs, shape, dtype, blocks) -> zeros(shape) for all T steps; `inputs` is
+    a list the loop appends each step's layer input to (x_t, shape (B, in) or (B, G, in/G) for a
+    block-diagonal layer with G = blocks). Dense weights are (out, in), block ones (G, in/G,
+    out/G)."""
+
+    @staticmethod
+    def forward(ctx, weight, inputs, shape, dtype, blocks):
+        ctx.inputs, ctx.blocks, ctx.weight_dtype = inputs, blocks, weight.dtype
+        return torch.zeros(shape, dtype=dtype, device=weight.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = torch.stack(ctx.inputs).to(grad.dtype)  # (T, B, ...)
+        ctx.inputs = None  # the stacked inputs are freed with this backward
+        if ctx.blocks:
+            g, rows = ctx.blocks, grad.numel() // grad.shape[-1]
+            xb = x.reshape(rows, g, -1).transpose(0, 1)  # (G, TB, in/G)
+            gb = grad.reshape(rows, g, -1).transpose(0, 1)  # (G, TB, out/G)
+            dw = torch.bmm(xb.transpose(1, 2), gb)
+        else:
+            dw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return dw.to(ctx.weight_dtype), None, None, None, None
+
+
+def tapped_linear(layer: nn.Linear, x: Tensor, tap: Tensor | None) -> Tensor:
+    """`layer(x)`, or with a WeightGradTap: the weight detached and the tap added."""
+    if tap is None:
+        return layer(x)
+    return F.linear(x, layer.weight.detach(), layer.bias) + tap
+
+
 class RMSNorm(nn.Module):
     """Normalises the last dim (or dim 1 for NCHW feature maps with channel_dim=1)."""
 
@@ -99,7 +140,7 @@ class BlockGRU(nn.Module):
         self, deter: int, stoch: int, num_actions: int, hidden: int, blocks: int, impl="torch"
     ):
         super().__init__()
-        self.deter, self.blocks, self.impl = deter, blocks, impl
+        self.deter, self.blocks, self.impl, self.hidden = deter, blocks, impl, hidden
         self.in_deter = DenseAct(deter, hidden)
         self.in_stoch = DenseAct(stoch, hidden)
         self.in_action = DenseAct(num_actions, hidden)
@@ -108,22 +149,58 @@ class BlockGRU(nn.Module):
         self.gru = BlockLinear(deter, 3 * deter, blocks)
 
     def forward(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:
-        g = self.blocks
-        x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
+        return self.tapped(deter, stoch, action, None)[0]
+
+    def tap_layers(self) -> dict[str, tuple[Tensor, int, int]]:
+        """name -> (weight, output width, blocks) of the layers `tapped` can defer (the Triton
+        cell computes its own weight gradients, so its two block layers are not among them)."""
+        layers = {
+            name: (getattr(self, name)[0].weight, self.hidden, 0)
+            for name in ("in_deter", "in_stoch", "in_action")
+        }
+        if self.impl == "torch":
+            layers["hid"] = (self.hid.weight, self.deter, self.blocks)
+            layers["gru"] = (self.gru.weight, 3 * self.deter, self.blocks)
+        return layers
+
+    def tapped(
+        self, deter: Tensor, stoch: Tensor, action: Tensor, taps: dict[str, Tensor] | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The step, optionally with WeightGradTap taps (keys of `tap_layers`); returns the next
+        deter and each tapped layer's input."""
+        g, inputs = self.blocks, {}
+        embeds = []
+        for name, v in (("in_deter", deter), ("in_stoch", stoch), ("in_action", action)):
+            layer = getattr(self, name)
+            tap = taps.get(name) if taps else None
+            if tap is not None:
+                inputs[name] = v
+            embeds.append(layer[2](layer[1](tapped_linear(layer[0], v, tap))))
+        x = torch.cat(embeds, -1)
         x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])  # (N, G, 3H)
         x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1)  # (N, G, D/G + 3H)
+        w_hid, w_gru = self.hid.weight, self.gru.weight
+        block_taps = None
+        if taps and "hid" in taps:
+            w_hid, w_gru = w_hid.detach(), w_gru.detach()
+            block_taps = (taps["hid"], taps["gru"])
         # Block matmuls, cross-block RMSNorm, gates and state update: kernels/block_gru.py.
-        return block_gru(
+        out = block_gru(
             x,
             deter,
-            self.hid.weight,
+            w_hid,
             self.hid.bias,
             self.hid_norm.weight,
-            self.gru.weight,
+            w_gru,
             self.gru.bias,
             self.hid_norm.eps,
             impl=self.impl,
+            taps=block_taps,
         )
+        if block_taps is None:
+            return out, inputs
+        inputs["hid"], inputs["gru"] = x, out[1]
+        return out[0], inputs
 
 
 def _conv_padding(kernel: int) -> int:

@@ -7,6 +7,7 @@ import math
 import random
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from engine.envs import make_env
 from engine.logger import MetricsLog, Progress, truncate_metrics
 from engine.nvtx import ProfileWindow, nvtx_range
 from engine.replay import Replay, transition_spec
+from engine.transfer import ObsUploader
 
 # Training-line keys that exist only once the actor trains; logged as null during warm-up.
 BEHAVIOR_KEYS = ("actor_loss", "actor_entropy", "critic_loss", "dream_reward", "dream_value")
@@ -93,6 +95,9 @@ class Trainer:
         self.window = ProfileWindow(profile_window(cfg.general.profile), trace)
         self.last_return = float("nan")
         self.last_eval = float("nan")
+        self.uploader = ObsUploader(self.device)
+        self._env_thread: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def _replay_spec(self):
         return transition_spec(
@@ -114,6 +119,11 @@ class Trainer:
         start = self._started = time.perf_counter()
         self._interval = (start, c["step"], c["env_steps"])
         previous = _install_sigterm()
+        if t.async_collection:
+            # The envs step in a background thread while the learner updates (envpool and numpy
+            # release the GIL): the data are the same as stepping inline, since (obs_t, action_t)
+            # is stored before the step is sent and obs_{t+1} is only needed to act again.
+            self._env_thread = ThreadPoolExecutor(1, thread_name_prefix="env-step")
         try:
             while not self._done():
                 with nvtx_range("collect"):
@@ -136,6 +146,12 @@ class Trainer:
             self.progress.close()
             raise
         finally:
+            if self._pending is not None:  # let the step in flight finish (or raise) first
+                self._pending.exception()
+            self._pending = None
+            if self._env_thread is not None:
+                self._env_thread.shutdown()
+                self._env_thread = None
             if previous is not None:
                 try:
                     signal.signal(signal.SIGTERM, previous)
@@ -159,6 +175,8 @@ class Trainer:
     def _collect(self) -> None:
         """One step of every training env: act, store (obs_t, action_t), step the envs."""
         c = self.counters
+        if self._pending is not None:
+            self._obs, self._pending = self._pending.result(), None
         obs_t = self._to_device(self._obs)
         action, self._carry = self.agent.policy(obs_t, self._carry)
         if self.random_policy and c["env_steps"] < self.train_from:
@@ -167,7 +185,11 @@ class Trainer:
             self._carry = self._carry[:2] + (dists.onehot(action, self.env.num_actions),)
         self.replay.add({**obs_t, "action": action})
         self._track_episodes(self._obs)
-        self._obs = self.env.step(action.cpu().numpy())
+        action = action.cpu().numpy()
+        if self._env_thread is None:
+            self._obs = self.env.step(action)
+        else:
+            self._pending = self._env_thread.submit(self.env.step, action)
 
     def _done(self) -> bool:
         c, t = self.counters, self.cfg.train
@@ -182,7 +204,7 @@ class Trainer:
         )
 
     def _to_device(self, obs: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in obs.items()}
+        return self.uploader(obs)
 
     def _track_episodes(self, obs) -> None:
         ep_ret = self._ep_ret = np.where(obs["is_first"], 0.0, self._ep_ret) + obs["reward"]

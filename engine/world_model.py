@@ -18,14 +18,23 @@ from engine.nets import (
     ImageEncoder,
     Linear,
     RMSNorm,
+    WeightGradTap,
     cnn_channels,
+    tapped_linear,
 )
 
 
 class WorldModel(nn.Module):
-    def __init__(self, cfg: Config, vector_dim: int, num_actions: int, kernels: str = "torch"):
+    def __init__(
+        self,
+        cfg: Config,
+        vector_dim: int,
+        num_actions: int,
+        kernels: str = "torch",
+        batched_wgrad: bool = False,
+    ):
         super().__init__()
-        self.kernels = kernels
+        self.kernels, self.batched_wgrad = kernels, batched_wgrad
         m = cfg.models
         mlp, cnn = m.encoder.mlp, m.encoder.cnn
         self.L, self.K = mlp.latents, mlp.latent_categories
@@ -95,13 +104,41 @@ class WorldModel(nn.Module):
         self, deter: Tensor, stoch: Tensor, prev_action: Tensor, token: Tensor, is_first: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Posterior step. The carry and previous action are zeroed where an episode starts."""
+        return self.obs_step_tapped(deter, stoch, prev_action, token, is_first, None)[:3]
+
+    def obs_step_tapped(
+        self,
+        deter: Tensor,
+        stoch: Tensor,
+        prev_action: Tensor,
+        token: Tensor,
+        is_first: Tensor,
+        taps: dict[str, Tensor] | None,
+    ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """`obs_step` with WeightGradTap taps (keys of `tap_layers`); also returns the tapped
+        layers' inputs."""
         keep = (~is_first).to(deter.dtype).unsqueeze(-1)
         deter, prev_action = deter * keep, prev_action * keep
         stoch = stoch * keep.unsqueeze(-1)
-        deter = self.core(deter, stoch.flatten(-2), prev_action).float()
-        logits = self.post_out(self.post_deter(deter) + token)
+        deter, inputs = self.core.tapped(deter, stoch.flatten(-2), prev_action, taps)
+        deter = deter.float()
+        taps = taps or {}
+        h = tapped_linear(self.post_deter, deter, taps.get("post_deter")) + token
+        h = self.post_out[1](self.post_out[0](h))
+        logits = tapped_linear(self.post_out[2], h, taps.get("post_out"))
+        if taps:
+            inputs["post_deter"], inputs["post_out"] = deter, h
         logits = logits.float().unflatten(-1, (self.L, self.K))
-        return deter, self._latent(logits), logits
+        return deter, self._latent(logits), logits, inputs
+
+    def tap_layers(self) -> dict[str, tuple[Tensor, int, int]]:
+        """The observe loop's layers whose weight gradients `batched_wgrad` forms once per
+        sequence: name -> (weight, output width, blocks; 0 = dense)."""
+        return {
+            **self.core.tap_layers(),
+            "post_deter": (self.post_deter.weight, self.post_deter.out_features, 0),
+            "post_out": (self.post_out[2].weight, self.post_out[2].out_features, 0),
+        }
 
     def img_step(self, deter: Tensor, stoch: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """Prior step: imagine the next state from the action alone."""
@@ -126,10 +163,31 @@ class WorldModel(nn.Module):
         is_first = is_first.clone()
         is_first[:, 0] = True
         deters, stochs, logits = [], [], []
+        taps = inputs = None
+        if self.batched_wgrad and torch.is_grad_enabled():
+            dev = tokens.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            inputs = {name: [] for name in self.tap_layers()}
+            taps = {
+                name: WeightGradTap.apply(w, inputs[name], (T, B, width), dtype or w.dtype, g)
+                for name, (w, width, g) in self.tap_layers().items()
+            }
         for t in range(T):
-            deter, stoch, logit = self.obs_step(
-                deter, stoch, prev_action, tokens[:, t], is_first[:, t]
-            )
+            if taps is None:
+                deter, stoch, logit = self.obs_step(
+                    deter, stoch, prev_action, tokens[:, t], is_first[:, t]
+                )
+            else:
+                deter, stoch, logit, xs = self.obs_step_tapped(
+                    deter,
+                    stoch,
+                    prev_action,
+                    tokens[:, t],
+                    is_first[:, t],
+                    {k: v[t] for k, v in taps.items()},
+                )
+                for k, x in xs.items():
+                    inputs[k].append(x)
             prev_action = actions[:, t]
             deters.append(deter)
             stochs.append(stoch)

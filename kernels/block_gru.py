@@ -85,26 +85,36 @@ def block_gru_reference(
     w_gru: Tensor,
     b_gru: Tensor,
     eps: float = 1e-4,
-) -> Tensor:
+    taps: tuple[Tensor, Tensor] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """The engine's `BlockGRU.forward` after the input embeddings, op for op.
 
     x: (..., G, I) per-block inputs; deter: (..., D). Returns the next deter, shape of `deter`.
     The op order copies `BlockLinear`, `RMSNorm` and `BlockGRU` so results match bitwise.
+
+    `taps` (zero tensors (..., D) and (..., 3D), see `engine.nets.WeightGradTap`) are added to the
+    two block matmuls' outputs, and the GRU matmul's input is returned beside the next deter:
+    the caller then forms the weight gradients over a whole sequence at once.
     """
     lead = deter.shape[:-1]
     g = w_hid.shape[0]
     xb = x.reshape(-1, g, x.shape[-1]).transpose(0, 1)  # (G, N, I)
     h = torch.bmm(xb, w_hid).transpose(0, 1).reshape(*lead, -1) + b_hid
+    if taps is not None:
+        h = h + taps[0]
     ms = h.float().square().mean(-1, keepdim=True)
     h = F.silu((h * torch.rsqrt(ms + eps)).to(h.dtype) * norm_w)
     hb = h.reshape(-1, g, h.shape[-1] // g).transpose(0, 1)  # (G, N, Hb)
     gates = torch.bmm(hb, w_gru).transpose(0, 1).reshape(*lead, -1) + b_gru
+    if taps is not None:
+        gates = gates + taps[1]
     gates = gates.reshape(*lead, g, 3, -1)
     reset, cand, update = (gates[..., i, :].flatten(-2) for i in range(3))
     reset = torch.sigmoid(reset)
     cand = torch.tanh(reset * cand)
     update = torch.sigmoid(update - 1)
-    return update * cand + (1 - update) * deter
+    new = update * cand + (1 - update) * deter
+    return new if taps is None else (new, h)
 
 
 if HAS_TRITON:
@@ -849,10 +859,14 @@ def block_gru(
     b_gru: Tensor,
     eps: float = 1e-4,
     impl: str = "torch",
-) -> Tensor:
-    """Dispatches to `block_gru_reference` (impl="torch") or `block_gru_triton` ("triton")."""
+    taps: tuple[Tensor, Tensor] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Dispatches to `block_gru_reference` (impl="torch") or `block_gru_triton` ("triton").
+    `taps`: see `block_gru_reference` (torch only)."""
     if impl == "torch":
-        return block_gru_reference(x, deter, w_hid, b_hid, norm_w, w_gru, b_gru, eps)
+        return block_gru_reference(x, deter, w_hid, b_hid, norm_w, w_gru, b_gru, eps, taps)
+    if taps is not None:
+        raise ValueError("block_gru taps are implemented by the torch reference only")
     if impl == "triton":
         return block_gru_triton(x, deter, w_hid, b_hid, norm_w, w_gru, b_gru, eps)
     raise ValueError(f"unknown block_gru impl {impl!r}; expected 'torch' or 'triton'")

@@ -77,9 +77,17 @@ def test_tiny_run_end_to_end(tmp_path):
     assert [r["step"] for r in evals] == [6, 12] and len(evals[0]["eval_returns"]) == 2
 
 
-def test_same_seed_same_run_on_cpu(tmp_path):
+def test_same_seed_same_run_on_cpu_with_or_without_overlapped_collection(tmp_path):
+    # Stepping the envs in a background thread while the learner updates changes no data.
     a = run("--config", "configs/tiny.toml", "--run-dir", str(tmp_path / "a"))
-    b = run("--config", "configs/tiny.toml", "--run-dir", str(tmp_path / "b"))
+    b = run(
+        "--config",
+        "configs/tiny.toml",
+        "--run-dir",
+        str(tmp_path / "b"),
+        "--set",
+        "train.async_collection=false",
+    )
     assert a.returncode == 0 and b.returncode == 0
     strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
     assert strip(records(tmp_path / "a")) == strip(records(tmp_path / "b"))

@@ -1,5 +1,7 @@
 """The fast path must compute what the eager fp32 reference computes."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -41,11 +43,12 @@ def test_switches_that_cannot_apply_fall_back_with_a_notice():
 
 
 @pytest.mark.compiled
-def test_compiled_update_matches_eager(monkeypatch):
+def test_compiled_batched_update_matches_eager(monkeypatch):
     # Inductor draws random numbers with its own generator unless told to use eager's.
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     eager = one_update()
-    compiled = one_update(["general.compile=true"])
+    fast_cpu = ["general.compile=true", "general.batched_wgrad=true"]
+    compiled = one_update(fast_cpu)
     (m_e, _), (m_c, _) = eager, compiled
     for k in m_e:
         assert m_c[k] == pytest.approx(m_e[k], rel=1e-4, abs=1e-5), k
@@ -55,9 +58,40 @@ def test_compiled_update_matches_eager(monkeypatch):
     big_eps = ["train.adam_eps=10"]
     start = torch.cat([p.detach().flatten() for p in make(big_eps)[1].parameters()])
     delta_e = one_update(big_eps)[1] - start
-    delta_c = one_update(["general.compile=true", *big_eps])[1] - start
+    delta_c = one_update([*fast_cpu, *big_eps])[1] - start
     assert delta_e.abs().max() > 0
     torch.testing.assert_close(delta_c, delta_e, rtol=1e-3, atol=1e-3 * delta_e.abs().max().item())
+
+
+def wm_grads(batched: bool, precision: str = "fp32") -> tuple[float, dict[str, torch.Tensor]]:
+    cfg, agent, opts = make([f"general.batched_wgrad={str(batched).lower()}"])
+    batch = synthetic_batch(cfg, 4, 6)
+    batch["is_first"][1, 3] = True  # an episode start inside a sequence
+    torch.manual_seed(1)
+    with fast.autocast(dataclasses.replace(opts, precision=precision), torch.device("cpu")):
+        loss, _, _ = agent.wm.loss(batch)
+    names, params = zip(*agent.wm.named_parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.item(), dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_batched_weight_grads_equal_per_step_ones(precision):
+    loss_ref, ref = wm_grads(False, precision)
+    loss, got = wm_grads(True, precision)
+    assert loss == loss_ref
+    tapped = {"core.in_deter.0.weight", "core.hid.weight", "core.gru.weight", "post_out.2.weight"}
+    for name, g in ref.items():
+        assert (g is None) == (got[name] is None), name
+        if g is None:
+            continue
+        # fp32: summation order only. bf16: the per-step path rounds each step's dW to bf16 and
+        # accumulates in fp32; the batched one rounds the sum once.
+        tol = 1e-5 if precision == "fp32" else 2e-2
+        scale = g.abs().max().item()
+        torch.testing.assert_close(got[name], g, rtol=0, atol=tol * scale + 1e-12, msg=name)
+        tapped.discard(name)
+    assert not tapped
 
 
 def test_bf16_update_tracks_fp32():
