@@ -73,8 +73,11 @@ def synthetic_replay(cfg, agent_device, num_actions: int, vector_dim: int, steps
     return replay
 
 
-def measure(config: str, mode: str, batch: int, length: int, updates: int) -> dict:
-    """One mode at one shape, in this process."""
+def measure(
+    config: str, mode: str, batch: int, length: int, updates: int, trace_dir: str | None = None
+) -> dict:
+    """One mode at one shape, in this process. With `trace_dir`, five more updates are then
+    recorded by torch.profiler into TRACE_DIR/trace_MODE_BxT.json (profiling/summarize.py)."""
     import torch
 
     from engine import fast
@@ -107,6 +110,16 @@ def measure(config: str, mode: str, batch: int, length: int, updates: int) -> di
     sync()
     elapsed = time.perf_counter() - t0
     ms = 1000 * elapsed / updates
+    if trace_dir:
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(5):
+                learner.step(True)
+            sync()
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(Path(trace_dir) / f"trace_{mode}_{batch}x{length}.json"))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
         name = torch.cuda.get_device_name()
@@ -198,12 +211,17 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="reuse torch.compile's on-disk cache (compile_sec then measures a warm start)",
     )
+    p.add_argument(
+        "--trace-dir",
+        help="also record 5 updates per run with torch.profiler: DIR/trace_MODE_BxT.json",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "mode,B,T" in this process
     args = p.parse_args(argv)
 
     if args.one:
         mode, b, t = args.one.split(",")
-        print(json.dumps(measure(args.config, mode, int(b), int(t), args.updates)))
+        rec = measure(args.config, mode, int(b), int(t), args.updates, args.trace_dir)
+        print(json.dumps(rec))
         return
 
     from engine.config import ConfigError, load_config
@@ -239,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
                 "--one",
                 f"{mode},{b},{t}",
             ]
+            if args.trace_dir:
+                cmd += ["--trace-dir", args.trace_dir]
             env = dict(os.environ)
             if not args.warm_cache:  # compile_sec is a cold compile unless asked otherwise
                 env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")

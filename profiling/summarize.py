@@ -49,6 +49,18 @@ def top_ops(events: list[dict], top: int) -> list[tuple[str, float, int]]:
     return [(name, ms, count[name]) for name, ms in ranked]
 
 
+def top_kernels(events: list[dict], top: int) -> tuple[float, list[tuple[str, float, int]]]:
+    """GPU kernels (cat "kernel") by device time (ms): the total and the top `top`."""
+    total: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for e in events:
+        if e.get("cat") == "kernel":
+            total[e["name"]] += e["dur"] / 1000
+            count[e["name"]] += 1
+    ranked = sorted(total.items(), key=lambda kv: -kv[1])[:top]
+    return sum(total.values()), [(name, ms, count[name]) for name, ms in ranked]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m profiling.summarize", description=__doc__)
     p.add_argument("trace")
@@ -66,6 +78,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{'operator (self time)':<40} {'ms total':>9} {'calls':>7}")
     for name, ms, n in top_ops(events, args.top):
         print(f"{name[:40]:<40} {ms:>9.1f} {n:>7}")
+    gpu_ms, kernels = top_kernels(events, args.top)
+    if kernels:
+        launches = sum(1 for e in events if e.get("cat") == "kernel")
+        print(
+            f"\nGPU kernels: {gpu_ms / updates:.2f} ms of device time and "
+            f"{launches / updates:.0f} launches per update"
+        )
+        print(f"{'kernel':<60} {'ms total':>9} {'calls':>7}")
+        for name, ms, n in kernels:
+            print(f"{name[:60]:<60} {ms:>9.2f} {n:>7}")
 
 
 if __name__ == "__main__":

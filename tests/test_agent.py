@@ -1,15 +1,20 @@
+import pytest
 import torch
 
+from engine import fast
 from engine.agent import Agent
 from engine.config import load_config
 from tests.test_cli import TRAIN_KEYS
 from tests.test_world_model import synthetic_batch
 
 
-def test_update_has_no_host_sync(monkeypatch):
-    cfg = load_config("configs/tiny.toml")
+@pytest.mark.parametrize("batched_wgrad", [False, True])
+def test_update_has_no_host_sync(monkeypatch, batched_wgrad):
+    cfg = load_config("configs/tiny.toml", [f"general.batched_wgrad={str(batched_wgrad).lower()}"])
+    opts, _ = fast.resolve(cfg.general, torch.device("cpu"))
+    assert opts.batched_wgrad == batched_wgrad
     torch.manual_seed(0)
-    agent = Agent(cfg, vector_dim=4, num_actions=2)
+    agent = Agent(cfg, vector_dim=4, num_actions=2, opts=opts)
     batch = synthetic_batch(cfg, 4, 8)
     agent.train_step(batch, train_behavior=True)  # warm caches outside the check
 
