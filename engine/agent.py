@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from engine import dists
 from engine.behavior import Behavior
-from engine.config import Config
+from engine.config import Config, actor_entropy_coef_at, effective_lrs
 from engine.fast import FastOptions, autocast
 from engine.nvtx import nvtx_range
 from engine.optim import Adam, step_together
@@ -38,14 +38,22 @@ class Agent(nn.Module):
         self.behavior = Behavior(cfg, num_actions, opts.kernels)
         self.to(device)  # before the optimizers: their state lives beside the parameters
         t = cfg.train
+        lr = effective_lrs(t)  # scaled with the batch size under train.lr_scaling
         adam = dict(weight_decay=t.weight_decay, eps=t.adam_eps)
-        self.wm_opt = Adam(self.wm.parameters(), t.wm_lr, clip=t.wm_grad_clip, **adam)
+        self.wm_opt = Adam(self.wm.parameters(), lr["wm_lr"], clip=t.wm_grad_clip, **adam)
         self.actor_opt = Adam(
-            self.behavior.actor.parameters(), t.actor_lr, clip=t.actor_grad_clip, **adam
+            self.behavior.actor.parameters(), lr["actor_lr"], clip=t.actor_grad_clip, **adam
         )
         self.critic_opt = Adam(
-            self.behavior.critic.parameters(), t.critic_lr, clip=t.critic_grad_clip, **adam
+            self.behavior.critic.parameters(), lr["critic_lr"], clip=t.critic_grad_clip, **adam
         )
+        # A device tensor, refilled in place by the trainer: a changing Python float would make
+        # torch.compile recompile every update and be frozen into a captured CUDA graph.
+        self.entropy_coef = torch.tensor(actor_entropy_coef_at(t, 0), device=self.device)
+
+    def set_entropy_coef(self, value: float) -> None:
+        """The actor's entropy coefficient for the next updates (no host sync)."""
+        self.entropy_coef.fill_(value)
 
     def optimizers(self) -> dict[str, Adam]:
         return {"wm": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
@@ -58,7 +66,6 @@ class Agent(nn.Module):
 
     def train_step(self, batch: dict[str, Tensor], train_behavior: bool) -> dict[str, Tensor]:
         """One learner update on a replay batch (B, T, ...). Returns 0-dim metric tensors."""
-        t = self.cfg.train
         with nvtx_range("world_model/forward"), autocast(self.opts, self.device):
             loss, metrics, (deter, stoch) = self.wm.loss(batch)
         if self.cfg.general.train_world_model:
@@ -72,7 +79,7 @@ class Agent(nn.Module):
                     deter.flatten(0, 1),
                     stoch.flatten(0, 1),
                     start_cont,
-                    t.actor_entropy_coef,
+                    self.entropy_coef,
                 )
             metrics.update(beh)
             # The actor's loss does not depend on the critic's parameters nor the critic's on the

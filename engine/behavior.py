@@ -103,7 +103,7 @@ class Behavior(nn.Module):
         return torch.stack(feats), torch.stack(actions)
 
     def loss(
-        self, wm, deter: Tensor, stoch: Tensor, start_cont: Tensor, entropy_coef: float
+        self, wm, deter: Tensor, stoch: Tensor, start_cont: Tensor, entropy_coef: Tensor | float
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Actor and critic losses from posterior starts (N, ...). start_cont: (N,) 1 - terminal."""
         with nvtx_range("behavior/imagine"):
@@ -112,7 +112,7 @@ class Behavior(nn.Module):
             return self.losses(wm, feats, actions, start_cont, entropy_coef)
 
     def losses(
-        self, wm, feats: Tensor, actions: Tensor, start_cont: Tensor, entropy_coef: float
+        self, wm, feats: Tensor, actions: Tensor, start_cont: Tensor, entropy_coef: Tensor | float
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The losses over an imagined trajectory: one static-shape graph (compiled on the fast
         path) after the step-by-step rollout."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +126,30 @@ class ModelsConfig:
 
 
 @dataclass
+class Schedule:
+    """A value that moves from `start` to `end` over `steps` updates, then stays at `end`.
+    No defaults: a schedule table must spell out all four keys."""
+
+    schedule: str
+    """linear | exp (geometric interpolation: the same factor every update)."""
+    start: float
+    end: float
+    steps: int
+
+    def at(self, k: int) -> float:
+        """The value after k updates of the schedule (k < 0 counts as 0)."""
+        if k >= self.steps:
+            return self.end
+        frac = max(k, 0) / self.steps
+        if self.schedule == "exp":
+            return self.start * (self.end / self.start) ** frac
+        return self.start + (self.end - self.start) * frac
+
+
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 8
     sequence_length: int = 25
@@ -157,7 +183,10 @@ class TrainConfig:
     """Capacity in environment steps (all environments together)."""
     train_ratio: float = 32.0
     """Replayed steps (batch x length) per environment step."""
-    actor_entropy_coef: float = 0.01
+    actor_entropy_coef: float | Schedule = 0.01
+    """A number, or a table {schedule = "linear" | "exp", start, end, steps}. A schedule counts
+    actor updates, i.e. from update actor_warmup_steps on (the coefficient has no effect before):
+    the first actor update uses `start`, and after `steps` actor updates it stays at `end`."""
     beta_pred: float = 0.99
     """Weight of the prediction terms (image + vector + reward + continue, each scaled below)."""
     beta_dyn: float = 0.99
@@ -179,6 +208,19 @@ class TrainConfig:
     """EMA rate of the 5th/95th return percentiles."""
     retnorm_limit: float = 1.0
     """Returns are divided by max(limit, P95 - P5)."""
+    lr_scaling: str = "none"
+    """none | linear | sqrt: multiply every learning rate by (batch_size / lr_base_batch), or
+    its square root, so a batch-size sweep need not retune the learning rates."""
+    lr_base_batch: int = 16
+    """The batch size the configured learning rates are meant for (with lr_scaling)."""
+    max_abs_dream_value: float = 1e4
+    """Stop the run when the logged |dream_value| exceeds this (a diverging critic; the archive
+    once saw 8.9e7); 0 disables. Checked at each log line and before each checkpoint."""
+    early_stop_patience: int = 0
+    """End the run after this many log intervals in a row without the logged wm_loss improving
+    on its best by early_stop_min_delta (hyperparameter search); 0 = off."""
+    early_stop_min_delta: float = 0.01
+    """Relative improvement that counts: wm_loss < best - min_delta x |best|."""
 
 
 @dataclass
@@ -194,6 +236,16 @@ class LogConfig:
     """Learner updates between checkpoints (latest is always written at the end)."""
     progress: bool = True
     """Progress bar on the terminal (never when stderr is not a TTY)."""
+    tensorboard: bool = False
+    """Also write the numeric fields of train and eval lines as TensorBoard scalars
+    (RUN_DIR/tensorboard; needs the tensorboard package)."""
+    dream_video: bool = False
+    """At each evaluation, write RUN_DIR/dreams/dream_<step>.gif: the first eval episode beside
+    the world model's open-loop prediction of it."""
+    dream_steps: int = 50
+    """Steps of the first eval episode the dream video covers."""
+    dream_context: int = 5
+    """Observed steps before the world model predicts open-loop from the actions alone."""
 
 
 @dataclass
@@ -267,7 +319,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
                 raise ConfigError(f"{src}: unknown key '{'.'.join(parents[: i + 1])}'")
             node = getattr(node, part)
         types = _field_types(type(node)) if dataclasses.is_dataclass(node) else {}
-        if leaf not in types or dataclasses.is_dataclass(getattr(node, leaf)):
+        # A section cannot be set as a value; a field that may hold a table (a schedule) can.
+        if leaf not in types or dataclasses.is_dataclass(types[leaf]):
             raise ConfigError(f"{src}: unknown key '{key}'")
         setattr(node, leaf, _coerce(value, types[leaf], src, key))
 
@@ -299,6 +352,8 @@ def _coerce(value: Any, tp: Any, src: str, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         raise ConfigError(f"{src}: '{key}' is a section, not a value")
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(value, typing.get_args(tp), src, key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -313,6 +368,34 @@ def _coerce(value: Any, tp: Any, src: str, key: str) -> Any:
     if not ok:
         raise ConfigError(f"{src}: '{key}' must be {tp.__name__}, got {value!r}")
     return float(value) if tp is float else value
+
+
+def _coerce_union(value: Any, options: tuple, src: str, key: str) -> Any:
+    """A value that may be a scalar or a table (e.g. a number or a schedule)."""
+    tables = [tp for tp in options if dataclasses.is_dataclass(tp)]
+    if isinstance(value, dict) and tables:
+        return _build_table(tables[0], value, src, key)
+    for tp in options:
+        if not dataclasses.is_dataclass(tp):
+            try:
+                return _coerce(value, tp, src, key)
+            except ConfigError:
+                pass
+    names = [tp.__name__ for tp in options if not dataclasses.is_dataclass(tp)]
+    names += [f"a table {{{', '.join(f.name for f in dataclasses.fields(tp))}}}" for tp in tables]
+    raise ConfigError(f"{src}: '{key}' must be {' or '.join(names)}, got {value!r}")
+
+
+def _build_table(cls: type, raw: dict[str, Any], src: str, key: str) -> Any:
+    """A table given as a value: every field must be present (no defaults to fall back on)."""
+    types_ = _field_types(cls)
+    for k in raw:
+        if k not in types_:
+            raise ConfigError(f"{src}: unknown key '{key}.{k}' (expected {', '.join(types_)})")
+    missing = [k for k in types_ if k not in raw]
+    if missing:
+        raise ConfigError(f"{src}: '{key}' is missing {', '.join(missing)}")
+    return cls(**{k: _coerce(v, types_[k], src, f"{key}.{k}") for k, v in raw.items()})
 
 
 def validate(cfg: Config, src: str = "config") -> None:
@@ -425,7 +508,6 @@ def validate(cfg: Config, src: str = "config") -> None:
         "wm_grad_clip",
         "actor_grad_clip",
         "critic_grad_clip",
-        "actor_entropy_coef",
         "beta_pred",
         "beta_dyn",
         "beta_rep",
@@ -434,9 +516,27 @@ def validate(cfg: Config, src: str = "config") -> None:
         "vector_scale",
         "reward_scale",
         "cont_scale",
+        "max_abs_dream_value",
+        "early_stop_min_delta",
     ):
         v = getattr(t, key)
         need(math.isfinite(v) and v >= 0, f"train.{key}", "must be finite and >= 0", v)
+    _validate_entropy_coef(t.actor_entropy_coef, need)
+    need(t.lr_scaling in LR_SCALINGS, "train.lr_scaling", "must be none|linear|sqrt", t.lr_scaling)
+    need(t.lr_base_batch >= 1, "train.lr_base_batch", "must be >= 1", t.lr_base_batch)
+    for key, v in effective_lrs(t).items():
+        need(
+            v < 1,
+            f"train.{key}",
+            f"x lr_scaling {t.lr_scaling} ({lr_factor(t):.3g}) must stay < 1",
+            getattr(t, key),
+        )
+    need(
+        t.early_stop_patience >= 0,
+        "train.early_stop_patience",
+        "must be >= 0",
+        t.early_stop_patience,
+    )
     need(t.adam_eps > 0, "train.adam_eps", "must be > 0", t.adam_eps)
     need(t.train_ratio > 0, "train.train_ratio", "must be > 0", t.train_ratio)
     for key in ("slow_critic_rate", "retnorm_rate"):
@@ -453,12 +553,54 @@ def validate(cfg: Config, src: str = "config") -> None:
     for key in ("log_every", "eval_episodes", "checkpoint_every"):
         need(getattr(lg, key) >= 1, f"log.{key}", "must be >= 1", getattr(lg, key))
     need(lg.eval_every >= 0, "log.eval_every", "must be >= 0", lg.eval_every)
+    need(lg.dream_context >= 1, "log.dream_context", "must be >= 1", lg.dream_context)
+    need(
+        lg.dream_steps > lg.dream_context,
+        "log.dream_steps",
+        f"must exceed log.dream_context ({lg.dream_context})",
+        lg.dream_steps,
+    )
     need(
         lg.eval_policy in ("mode", "sample"),
         "log.eval_policy",
         "must be mode|sample",
         lg.eval_policy,
     )
+
+
+def _validate_entropy_coef(coef: float | Schedule, need: Any) -> None:
+    key = "train.actor_entropy_coef"
+    if not isinstance(coef, Schedule):
+        need(math.isfinite(coef) and coef >= 0, key, "must be finite and >= 0", coef)
+        return
+    need(coef.schedule in ("linear", "exp"), f"{key}.schedule", "must be linear|exp", coef.schedule)
+    for name in ("start", "end"):
+        v = getattr(coef, name)
+        need(math.isfinite(v) and v >= 0, f"{key}.{name}", "must be finite and >= 0", v)
+        if coef.schedule == "exp":
+            need(v > 0, f"{key}.{name}", "must be > 0 for an exp schedule", v)
+    need(coef.steps >= 1, f"{key}.steps", "must be >= 1", coef.steps)
+
+
+def actor_entropy_coef_at(t: TrainConfig, step: int) -> float:
+    """The entropy coefficient of the update made at learner step `step` (0-based): schedules
+    count actor updates, which begin at step actor_warmup_steps."""
+    coef = t.actor_entropy_coef
+    if isinstance(coef, Schedule):
+        return coef.at(step - t.actor_warmup_steps)
+    return coef
+
+
+def lr_factor(t: TrainConfig) -> float:
+    """What every learning rate is multiplied by under train.lr_scaling."""
+    ratio = t.batch_size / t.lr_base_batch
+    return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[t.lr_scaling]
+
+
+def effective_lrs(t: TrainConfig) -> dict[str, float]:
+    """The learning rates the optimizers use: the configured ones times lr_factor."""
+    f = lr_factor(t) if t.lr_scaling in LR_SCALINGS else 1.0
+    return {k: getattr(t, k) * f for k in ("wm_lr", "actor_lr", "critic_lr")}
 
 
 def profile_window(text: str) -> tuple[int, int] | None:
@@ -481,4 +623,10 @@ def from_dict(raw: dict[str, Any], src: str = "checkpoint") -> Config:
 
 
 def save_toml(cfg: Config, path: Path) -> None:
-    path.write_text(tomli_w.dumps(to_dict(cfg)))
+    """Atomic (temp file in the same folder, then rename): resume reads this file back."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(tomli_w.dumps(to_dict(cfg)))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

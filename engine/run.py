@@ -1,6 +1,7 @@
 """Command line: `python -m engine.run --config configs/cartpole_d256.toml [--set KEY=VALUE ...]`.
 
-Config and input errors print one line and exit with status 2; no traceback."""
+Config and input errors print one line and exit with status 2; a run stopped by a health check
+(diverged training) prints one line and exits with status 3; no traceback."""
 
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fail(message: str) -> None:
+def fail(message: str, status: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def default_run_dir(name: str) -> Path:
@@ -73,12 +74,16 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
     # Imported after the config is known good: torch and the envs take seconds to import.
     from engine.envs import EnvError
-    from engine.trainer import Trainer, TrainingError
+    from engine.trainer import HealthError, Trainer, TrainingError, require_tensorboard
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if cfg.log.tensorboard:
+            require_tensorboard()  # before the run directory is made
+        run_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
         result = trainer.run()
+    except HealthError as e:
+        fail(str(e), status=3)
     except (EnvError, TrainingError) as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -89,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(130)
     mb = result["checkpoint_bytes"] / 1e6
+    early = " (early stop)" if result["stop_reason"] else ""
     print(
-        f"done: {result['step']} updates, {result['env_steps']} env steps, "
+        f"done{early}: {result['step']} updates, {result['env_steps']} env steps, "
         f"{result['wall_time']:.0f} s, last eval {result['last_eval']:.1f}, "
         f"best eval {result['best_eval']:.1f}, checkpoint {mb:.1f} MB "
         f"({run_dir / 'checkpoints' / 'latest.pt'})"

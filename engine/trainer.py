@@ -3,6 +3,7 @@ environment steps, evaluate, log and checkpoint. The agent math lives in agent.p
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 import signal
@@ -16,7 +17,15 @@ from torch import Tensor
 
 from engine import checkpoint, dists, fast
 from engine.agent import Agent
-from engine.config import Config, profile_window, save_toml, to_dict
+from engine.config import (
+    Config,
+    actor_entropy_coef_at,
+    effective_lrs,
+    lr_factor,
+    profile_window,
+    save_toml,
+    to_dict,
+)
 from engine.envs import make_env
 from engine.logger import MetricsLog, Progress, truncate_metrics
 from engine.nvtx import ProfileWindow, nvtx_range
@@ -29,6 +38,31 @@ BEHAVIOR_KEYS = ("actor_loss", "actor_entropy", "critic_loss", "dream_reward", "
 
 class TrainingError(Exception):
     """A run that cannot go on (non-finite loss, checkpoint mismatch): one-line message."""
+
+
+class HealthError(TrainingError):
+    """Training diverged (a non-finite metric or parameter, a runaway dream value). The bad
+    state is never checkpointed; engine.run exits with status 3."""
+
+
+TENSORBOARD_MISSING = (
+    "log.tensorboard = true needs the tensorboard package: pip install tensorboard"
+)
+
+
+def require_tensorboard() -> type:
+    """torch's SummaryWriter, or a TrainingError naming the missing package (checked at start,
+    so a run does not fail at its first log line)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError(TENSORBOARD_MISSING) from None
+    return SummaryWriter
+
+
+def short(x: float) -> str:
+    """8.9e7 rather than 89000000.0 or 8.9e+07, for one-line messages."""
+    return f"{x:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def resolve_device(pref: str) -> tuple[torch.device, str | None]:
@@ -44,6 +78,10 @@ def resolve_device(pref: str) -> tuple[torch.device, str | None]:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
+        # Optional packages first: a missing one fails before anything is built or written.
+        writer_cls = require_tensorboard() if cfg.log.tensorboard else None
+        if cfg.log.dream_video:
+            _require_dream()
         self.device, notice = resolve_device(cfg.general.device)
         if cfg.general.threads:
             torch.set_num_threads(cfg.general.threads)
@@ -75,10 +113,14 @@ class Trainer:
         self.counters = dict(
             step=0, env_steps=0, episodes=0, budget=0.0, wall_time=0.0, best_eval=-math.inf
         )
+        # Early-stop state, checkpointed with the counters so a resumed search run keeps it.
+        self.counters.update(es_best=math.inf, es_best_step=0, es_stale=0)
+        self.saved_step: dict[str, int] = {}  # checkpoint name -> step it holds
         self.ckpt_dir = run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._restore()
+            self.saved_step["latest"] = self.counters["step"]
         else:
             save_toml(cfg, run_dir / "config.toml")
         # Training (re)starts once the replay holds bootstrap_steps: random-policy data on a fresh
@@ -98,6 +140,19 @@ class Trainer:
         self.uploader = ObsUploader(self.device)
         self._env_thread: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self.lrs = effective_lrs(cfg.train)
+        self._entropy_coef = actor_entropy_coef_at(cfg.train, c["step"])
+        self.agent.set_entropy_coef(self._entropy_coef)
+        self.stop_reason: str | None = None
+        self.tb = None
+        if writer_cls is not None:
+            # On resume, events past the checkpoint (logged, then lost with the run) are hidden.
+            purge = c["step"] + 1 if resume else None
+            self.tb = writer_cls(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        self.dreams = cfg.log.dream_video and cfg.env.image and cfg.log.eval_every > 0
+        if cfg.log.dream_video and not self.dreams:
+            why = "env.image = false" if not cfg.env.image else "log.eval_every = 0"
+            self.progress.write(f"note: log.dream_video: no dream videos with {why}")
 
     def _replay_spec(self):
         return transition_spec(
@@ -107,10 +162,23 @@ class Trainer:
     # ---- The loop -----------------------------------------------------------------------------
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self.tb is not None:
+                self.tb.close()  # also on a health stop: its last train line is what went wrong
+
+    def _run(self) -> dict:
         c, t = self.counters, self.cfg.train
         n = self.param_summary()
         self.progress.write(f"parameters: {n}")
         self.progress.write(f"run directory: {self.run_dir}")
+        if t.lr_scaling != "none":
+            lrs = ", ".join(f"{k} {short(v)}" for k, v in self.lrs.items())
+            self.progress.write(
+                f"learning rates x{lr_factor(t):.3g} (train.lr_scaling {t.lr_scaling}, batch "
+                f"{t.batch_size} / lr_base_batch {t.lr_base_batch}): {lrs}"
+            )
         per_update = t.batch_size * t.sequence_length
         self._obs = self.env.reset()
         self._carry = self.agent.initial_carry(self.env.num_envs, self.device)
@@ -131,7 +199,7 @@ class Trainer:
                 c["env_steps"] += self.env.num_envs
                 if self._ready():
                     c["budget"] += self.env.num_envs * t.train_ratio / per_update
-                    while c["budget"] >= 1 and c["step"] < t.max_train_steps:
+                    while c["budget"] >= 1 and not self._done():
                         self._update()
                         c["budget"] -= 1
                 self.progress.update(
@@ -170,6 +238,7 @@ class Trainer:
             last_eval=self.last_eval,
             best_eval=c["best_eval"],
             checkpoint_bytes=size,
+            stop_reason=self.stop_reason,
         )
 
     def _collect(self) -> None:
@@ -193,7 +262,11 @@ class Trainer:
 
     def _done(self) -> bool:
         c, t = self.counters, self.cfg.train
-        return c["step"] >= t.max_train_steps or 0 < t.max_env_steps <= c["env_steps"]
+        return (
+            c["step"] >= t.max_train_steps
+            or 0 < t.max_env_steps <= c["env_steps"]
+            or self.stop_reason is not None
+        )
 
     def _ready(self) -> bool:
         c, t = self.counters, self.cfg.train
@@ -220,6 +293,10 @@ class Trainer:
     def _update(self) -> None:
         cfg, c = self.cfg, self.counters
         self.window.at_step(c["step"])
+        coef = actor_entropy_coef_at(cfg.train, c["step"])
+        if coef != self._entropy_coef:  # refilled in place: no recompile, graphs read it
+            self.agent.set_entropy_coef(coef)
+            self._entropy_coef = coef
         metrics = self.learner.step(c["step"] >= cfg.train.actor_warmup_steps)
         for k, v in metrics.items():
             total, count = self._acc.get(k, (torch.zeros((), device=self.device), 0))
@@ -239,15 +316,31 @@ class Trainer:
         )
 
     def _record(self, kind: str, **fields) -> None:
-        self.log.write(self._fields(kind, **fields))
+        self._write(self._fields(kind, **fields))
+
+    def _write(self, record: dict) -> None:
+        """metrics.jsonl, plus TensorBoard scalars for train and eval lines."""
+        self.log.write(record)
+        kind = record["type"]
+        if self.tb is None or kind not in ("train", "eval"):
+            return
+        for k, v in record.items():
+            if k not in ("type", "step") and isinstance(v, int | float) and not isinstance(v, bool):
+                self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+        self.tb.flush()
+
+    def _means(self) -> dict[str, float]:
+        """The interval's metric means. The one host sync per log interval: all metrics come
+        over in a single transfer."""
+        keys = list(self._acc)
+        values = torch.stack([self._acc[k][0] / self._acc[k][1] for k in keys]).cpu().tolist()
+        return dict(zip(keys, values))
 
     def _log_train(self) -> None:
         if not self._acc:
             return
         c = self.counters
-        keys = list(self._acc)
-        # The one host sync per log interval: all metrics come over in a single transfer.
-        values = torch.stack([self._acc[k][0] / self._acc[k][1] for k in keys]).cpu().tolist()
+        means = self._means()
         self._acc.clear()
         now = time.perf_counter()
         t0, step0, env0 = self._interval
@@ -257,18 +350,61 @@ class Trainer:
             wall_time=c["wall_time"] + now - self._started,
             **{k: None for k in BEHAVIOR_KEYS},
         )
-        record.update(zip(keys, values))
+        record.update(means)
         record.update(
             train_steps_per_sec=(c["step"] - step0) / max(now - t0, 1e-9),
             env_steps_per_sec=(c["env_steps"] - env0) / max(now - t0, 1e-9),
+            actor_entropy_coef=self._entropy_coef,
+            **self.lrs,
         )
-        self.log.write(record)
-        bad = [k for k, v in zip(keys, values) if not math.isfinite(v)]
+        self._write(record)
+        self._check_health(means)
+        self._check_early_stop(means.get("wm_loss"))
+
+    # ---- Health and early stopping ------------------------------------------------------------
+
+    def _check_health(self, means: dict[str, float]) -> None:
+        """Stops the run on a diverged metric, read from the means a log line already holds."""
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        bound, value = self.cfg.train.max_abs_dream_value, means.get("dream_value")
         if bad:
-            raise TrainingError(
-                f"non-finite {', '.join(bad)} at step {c['step']}; the last good checkpoint is "
-                f"{self.ckpt_dir / 'latest.pt'}"
+            self._stop_unhealthy(f"non-finite {', '.join(bad)}", {k: means[k] for k in bad})
+        elif bound > 0 and value is not None and abs(value) > bound:
+            self._stop_unhealthy(
+                f"dream_value {short(value)} beyond the bound {short(bound)} "
+                "(train.max_abs_dream_value)",
+                {"dream_value": value},
             )
+
+    def _stop_unhealthy(self, reason: str, values: dict[str, float]) -> None:
+        step = self.counters["step"]
+        kept = self.saved_step.get("latest")
+        where = (
+            f"kept the last good checkpoint {self.ckpt_dir / 'latest.pt'} (step {kept})"
+            if kept is not None
+            else "no checkpoint was written"
+        )
+        self._record("health", reason=reason, kept_checkpoint_step=kept, **values)
+        raise HealthError(f"step {step}: {reason}; {where}")
+
+    def _check_early_stop(self, wm_loss: float | None) -> None:
+        t, c = self.cfg.train, self.counters
+        if not t.early_stop_patience or wm_loss is None:
+            return
+        best = c["es_best"]
+        if not math.isfinite(best) or wm_loss < best - t.early_stop_min_delta * abs(best):
+            c.update(es_best=wm_loss, es_best_step=c["step"], es_stale=0)
+            return
+        c["es_stale"] += 1
+        if c["es_stale"] < t.early_stop_patience:
+            return
+        self.stop_reason = (
+            f"wm_loss has not improved on its best {short(best)} (step {c['es_best_step']}) by "
+            f"{short(t.early_stop_min_delta)} relative for {c['es_stale']} log intervals "
+            "(train.early_stop_patience)"
+        )
+        self._record("early_stop", reason=self.stop_reason, best_wm_loss=best)
+        self.progress.write(f"early stop at step {c['step']}: {self.stop_reason}")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -284,12 +420,22 @@ class Trainer:
         returns = np.zeros(env.num_envs)
         lengths = np.zeros(env.num_envs, dtype=np.int64)
         done = np.zeros(env.num_envs, dtype=bool)
+        # The first eval env's (obs_t, action_t) pairs, as the replay stores them, for a dream:
+        # its first episode up to and including the is_last observation, at most dream_steps.
+        frames: list[dict[str, np.ndarray]] | None = [] if self.dreams else None
+        actions: list[int] = []
+        recording = self.dreams
         while not done.all():
             action, carry = self.agent.policy(self._to_device(obs), carry, greedy)
-            obs = env.step(action.cpu().numpy())
+            action = action.cpu().numpy()
+            if recording:
+                recording = self._record_frame(frames, actions, obs, int(action[0]))
+            obs = env.step(action)
             returns += np.where(done, 0.0, obs["reward"])
             lengths += ~done
             done |= obs["is_last"]
+        if recording:  # env 0 ended on the last step: its final frame (no action is executed)
+            self._record_frame(frames, actions, obs, 0)
         self.last_eval = float(returns.mean())
         self._record(
             "eval",
@@ -305,17 +451,56 @@ class Trainer:
         if self.last_eval > c["best_eval"]:
             c["best_eval"] = self.last_eval
             self._checkpoint("best")
+        if frames is not None:
+            self._dream(frames, actions)
         return self.last_eval
+
+    def _record_frame(
+        self, frames: list, actions: list[int], obs: dict[str, np.ndarray], action: int
+    ) -> bool:
+        """Appends env 0's observation and action; False once the recording is complete."""
+        frames.append({k: np.array(v[0]) for k, v in obs.items()})
+        actions.append(action)
+        return not obs["is_last"][0] and len(frames) < self.cfg.log.dream_steps
+
+    def _dream(self, frames: list[dict[str, np.ndarray]], actions: list[int]) -> None:
+        """The recorded eval episode beside the world model's open-loop prediction, as a GIF."""
+        step, ctx = self.counters["step"], self.cfg.log.dream_context
+        if len(frames) < ctx + 1:
+            self.progress.write(
+                f"note: step {step}: no dream video: the first eval episode lasted "
+                f"{len(frames)} steps, fewer than log.dream_context + 1 = {ctx + 1}"
+            )
+            return
+        dream = importlib.import_module("engine.dream")
+        obs = {k: torch.from_numpy(np.stack([f[k] for f in frames])) for k in frames[0]}
+        obs = {k: v.to(self.device) for k, v in obs.items()}  # (T, ...)
+        acts = torch.tensor(actions, dtype=torch.long, device=self.device)  # (T,)
+        path = self.run_dir / "dreams" / f"dream_{step:07d}.gif"
+        # The dream samples latents: its own RNG stream leaves the training run unchanged.
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                pred = dream.open_loop(self.agent, obs, acts, ctx)  # (T, 64, 64, 3) uint8
+            path.parent.mkdir(exist_ok=True)
+            truth = obs["image"].cpu().numpy()
+            dream.write_gif(path, truth, pred.cpu().numpy(), context=ctx)  # atomic itself
+        except Exception as e:  # a diagnostic: a failing video must not end a long run
+            first = (str(e).strip().splitlines() or [""])[0]
+            self.progress.write(
+                f"notice: step {step}: dream video failed: {type(e).__name__}: {first}"
+            )
 
     # ---- Checkpoints --------------------------------------------------------------------------
 
     def _checkpoint(self, name: str) -> int:
+        """Writes `name`.pt unless the state is unhealthy: updates since the last log line are
+        checked first (checkpoint_every need not be a multiple of log_every)."""
+        if self._acc:
+            self._check_health(self._means())
         params = [p.detach() for p in self.agent.parameters()]
         if not torch.stack([p.isfinite().all() for p in params]).all():
-            raise TrainingError(
-                f"non-finite parameters at step {self.counters['step']}; kept the "
-                f"last good checkpoint {self.ckpt_dir / 'latest.pt'}"
-            )
+            self._stop_unhealthy("non-finite parameters", {})
         payload = dict(
             agent=self.agent.state_dict(),
             optim={k: o.state_dict() for k, o in self.agent.optimizers().items()},
@@ -323,7 +508,9 @@ class Trainer:
             rng=checkpoint.rng_state(),
             config=to_dict(self.cfg),
         )
-        return checkpoint.save(self.ckpt_dir / f"{name}.pt", payload)
+        size = checkpoint.save(self.ckpt_dir / f"{name}.pt", payload)
+        self.saved_step[name] = self.counters["step"]
+        return size
 
     def _restore(self) -> None:
         path = self.ckpt_dir / "latest.pt"
@@ -356,6 +543,15 @@ class Trainer:
             f"{a.num_params():,} (world model {count(a.wm) / 1e6:.2f}M, actor "
             f"{count(a.behavior.actor) / 1e6:.2f}M, critic {count(a.behavior.critic) / 1e6:.2f}M)"
         )
+
+
+def _require_dream() -> None:
+    """engine.dream is imported at evaluation; a run asking for dream videos fails at start
+    rather than at its first evaluation when the module is missing."""
+    try:
+        importlib.import_module("engine.dream")
+    except ImportError as e:
+        raise TrainingError(f"log.dream_video = true needs engine.dream: {e}") from None
 
 
 def _install_sigterm():

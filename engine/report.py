@@ -1,0 +1,479 @@
+"""Run reports: loss, evaluation and behaviour plots plus a text summary, from metrics.jsonl.
+
+`python -m engine.report RUN_DIR [RUN_DIR ...] [--out DIR] [--target 450]`
+
+Several runs are overlaid in every plot (one colour per run, labelled by the run directory's
+name). matplotlib is imported only when plotting, so training never needs it. The report reads
+only metrics.jsonl (and never torch), so it runs in a second on a run that is still training.
+
+Evaluation and episode lines carry no wall time of their own; their wall time is interpolated
+from the training lines' (step, wall_time) and (env_steps, wall_time) points, which the trainer
+writes every `log.log_every` updates and once more at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# (panel title, metric keys drawn in it). Keys after the first are drawn dashed/dotted.
+LOSS_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("wm_loss", ("wm_loss",)),
+    ("image_loss (MSE per pixel)", ("image_loss",)),
+    ("vector_loss (symlog, per dim)", ("vector_loss",)),
+    ("reward_loss", ("reward_loss",)),
+    ("reward_loss_excess (above two-hot floor)", ("reward_loss_excess",)),
+    ("continue_loss", ("continue_loss",)),
+    ("kl_dyn (solid) / kl_rep (dashed)", ("kl_dyn", "kl_rep")),
+    ("critic_loss", ("critic_loss",)),
+    ("actor_loss", ("actor_loss",)),
+    ("wm_grad_norm", ("wm_grad_norm",)),
+    ("actor_grad_norm", ("actor_grad_norm",)),
+    ("critic_grad_norm", ("critic_grad_norm",)),
+)
+BEHAVIOR_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("actor_entropy", ("actor_entropy",)),
+    ("dream_value", ("dream_value",)),
+    ("dream_return", ("dream_return",)),
+    ("return_scale", ("return_scale",)),
+    ("advantage_std", ("advantage_std",)),
+    ("dream_reward", ("dream_reward",)),
+    ("dream_cont", ("dream_cont",)),
+)
+# The train-record metrics that summaries tabulate (here and in engine.sweep): the losses the
+# archive's tables tracked.
+SUMMARY_LOSSES = (
+    "wm_loss",
+    "image_loss",
+    "vector_loss",
+    "reward_loss",
+    "reward_loss_excess",
+    "continue_loss",
+    "kl_dyn",
+    "kl_rep",
+    "actor_loss",
+    "actor_entropy",
+    "critic_loss",
+)
+LINE_STYLES = ("-", "--", ":", "-.")
+# Log scale once a panel's positive values span more than this factor.
+LOG_RATIO = 30.0
+
+
+class ReportError(Exception):
+    """Input the report cannot use; the message is one line for a human."""
+
+
+@dataclass
+class Run:
+    """One run's records, split by type; `notes` says what was skipped while reading."""
+
+    path: Path
+    label: str = ""
+    train: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    episodes: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """Lines of other types (e.g. "health", "early_stop"): listed in the summary."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.train or self.evals or self.episodes)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+def num(value: Any) -> float:
+    """A metric value as a float; null, missing and non-numbers are NaN. The logger writes
+    non-finite floats as the strings "nan"/"inf" (JSON has none), which are read back here."""
+    if isinstance(value, bool):
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf"):
+        return float(value)
+    return math.nan
+
+
+def load_run(path: str | Path) -> Run:
+    """Read RUN_DIR/metrics.jsonl. Unreadable lines are skipped and counted in `notes`; a
+    missing directory or file raises ReportError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path}: no such run directory")
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ReportError(f"{path}: not a run directory (no metrics.jsonl)")
+    run = Run(path, path.resolve().name)
+    bad = []
+    try:
+        text = metrics.read_text(errors="replace")
+    except OSError as e:
+        raise ReportError(f"{metrics}: cannot read: {e.strerror or e}") from None
+    kinds = {"train": run.train, "eval": run.evals, "episode": run.episodes}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(i)
+            continue
+        if not isinstance(rec, dict) or not math.isfinite(num(rec.get("step"))):
+            bad.append(i)
+            continue
+        kinds.get(rec.get("type"), run.events).append(rec)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        run.notes.append(f"skipped {len(bad)} unreadable line(s) of {metrics} (line {shown})")
+    return run
+
+
+def series(records: Sequence[dict[str, Any]], key: str, x: str = "step") -> tuple[Any, Any]:
+    """(x, y) arrays of the records where both are finite."""
+    xs = np.array([num(r.get(x)) for r in records], dtype=float)
+    ys = np.array([num(r.get(key)) for r in records], dtype=float)
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    return xs[ok], ys[ok]
+
+
+def wall_times(run: Run, records: Sequence[dict[str, Any]], by: str) -> Any:
+    """Wall time of each record: its own `wall_time` if logged, else interpolated from the
+    training lines along `by` ("step" or "env_steps"), starting from (0, 0 s). NaN without any
+    training line."""
+    own = np.array([num(r.get("wall_time")) for r in records], dtype=float)
+    at = np.array([num(r.get(by)) for r in records], dtype=float)
+    kx, ky = series(run.train, "wall_time", by)
+    if len(kx) == 0:
+        return own
+    order = np.argsort(kx, kind="stable")
+    kx, ky = kx[order], ky[order]
+    if kx[0] > 0:
+        kx, ky = np.concatenate([[0.0], kx]), np.concatenate([[0.0], ky])
+    guess = np.interp(at, kx, ky)
+    return np.where(np.isfinite(own), own, np.where(np.isfinite(at), guess, np.nan))
+
+
+# --------------------------------------------------------------------------------------------
+# Summary.
+
+
+def _fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
+    if v == int(v) and abs(v) < 1e9:
+        return f"{int(v):,}"
+    return f"{v:.4g}"
+
+
+def _last(records: Sequence[dict[str, Any]], key: str) -> float:
+    for r in reversed(records):
+        v = num(r.get(key))
+        if not math.isnan(v):
+            return v
+    return math.nan
+
+
+def summarize(run: Run, target: float = 450.0) -> str:
+    """The run's numbers as a few indented lines."""
+    recs = run.train + run.evals + run.episodes
+    steps = max((num(r.get("step")) for r in recs), default=math.nan)
+    env_steps = max((num(r.get("env_steps")) for r in recs), default=math.nan)
+    wall = _last(run.train, "wall_time")
+    lines = [f"run {run.path} ({run.label})"]
+    rate = steps / wall if wall > 0 else math.nan
+    lines.append(
+        f"  steps {_fmt(steps)}, env steps {_fmt(env_steps)}, wall time {wall:.1f} s, "
+        f"{rate:.3g} steps/s"
+    )
+    ok = [r for r in run.evals if math.isfinite(num(r.get("eval_return")))]
+    ev = np.array([num(r.get("eval_return")) for r in ok])
+    if ok:
+        walls = wall_times(run, ok, "step")
+        final = ok[-1]
+        i_best = int(np.argmax(ev))
+        best = ok[i_best]
+        lines.append(
+            f"  eval: {len(ok)} evaluations, final {num(final.get('eval_return')):.1f} "
+            f"(step {_fmt(num(final.get('step')))}, env step {_fmt(num(final.get('env_steps')))})"
+            f", best {ev[i_best]:.1f} (step {_fmt(num(best.get('step')))}, "
+            f"env step {_fmt(num(best.get('env_steps')))}, {walls[i_best]:.0f} s)"
+        )
+        hit = np.flatnonzero(ev >= target)
+        if len(hit):
+            r = ok[hit[0]]
+            lines.append(
+                f"  first eval >= {target:g}: {ev[hit[0]]:.1f} at env step "
+                f"{_fmt(num(r.get('env_steps')))}, {walls[hit[0]]:.0f} s wall "
+                f"(step {_fmt(num(r.get('step')))})"
+            )
+        else:
+            lines.append(f"  first eval >= {target:g}: never")
+    else:
+        lines.append("  eval: none")
+    _, ep = series(run.episodes, "episode_return")
+    if len(ep):
+        lines.append(
+            f"  training episodes: {len(ep)}, last {ep[-1]:.1f}, mean of last 10 "
+            f"{ep[-10:].mean():.1f}, best {ep.max():.1f}"
+        )
+    finals = [(k, _last(run.train, k)) for k in SUMMARY_LOSSES]
+    finals = [f"{k} {_fmt(v)}" for k, v in finals if not math.isnan(v)]
+    if finals:
+        lines.append("  final: " + ", ".join(finals))
+    for ev in run.events:
+        reason = ev.get("reason")
+        lines.append(
+            f"  {ev.get('type')} at step {_fmt(num(ev.get('step')))}"
+            + (f": {reason}" if isinstance(reason, str) else "")
+        )
+    for note in run.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots.
+
+
+def _figure_api() -> tuple[Any, Any]:
+    """matplotlib's Figure and Agg canvas, imported here so training never needs matplotlib.
+    Figure + FigureCanvasAgg (not pyplot) leaves no global backend or figure state behind."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ReportError("engine.report needs matplotlib: pip install matplotlib") from None
+    return Figure, FigureCanvasAgg
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in the same folder, then rename: readers never see half a
+    file (report folders are often watched or synced while a run trains)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save(fig: Any, canvas_cls: Any, path: Path) -> None:
+    canvas_cls(fig)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def _grid_figure(Figure: Any, n: int, cols: int = 3) -> tuple[Any, list[Any]]:
+    rows = max(1, math.ceil(n / cols))
+    cols = min(cols, max(n, 1))
+    fig = Figure(figsize=(5.0 * cols, 3.3 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _use_log(values: list[Any]) -> bool:
+    allv = np.concatenate(values) if values else np.array([])
+    return bool(len(allv) and (allv > 0).all() and allv.max() / allv.min() > LOG_RATIO)
+
+
+def _panel_plot(
+    runs: Sequence[Run], panels: Sequence[tuple[str, tuple[str, ...]]], title: str, path: Path
+) -> bool:
+    """A grid with one panel per metric that has data in any run; False when none has."""
+    Figure, canvas = _figure_api()
+    present = [
+        (name, keys)
+        for name, keys in panels
+        if any(len(series(r.train, k)[0]) for r in runs for k in keys)
+    ]
+    if not present:
+        return False
+    fig, axes = _grid_figure(Figure, len(present))
+    for ax, (name, keys) in zip(axes, present):
+        drawn = []
+        for i, run in enumerate(runs):
+            for j, key in enumerate(keys):
+                x, y = series(run.train, key)
+                if len(x):
+                    style = LINE_STYLES[j % len(LINE_STYLES)]
+                    ax.plot(x, y, style, color=f"C{i}", lw=1.3, marker="." if len(x) < 30 else "")
+                    drawn.append(y)
+        if _use_log(drawn):
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("learner step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    _run_legend(fig, runs)
+    fig.suptitle(title, fontsize=12)
+    _save(fig, canvas, path)
+    return True
+
+
+def _run_legend(fig: Any, runs: Sequence[Run]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{i}", lw=2) for i in range(len(runs))]
+    fig.legend(
+        handles,
+        [r.label for r in runs],
+        loc="outside lower center",
+        ncols=min(len(runs), 4),
+        fontsize=9,
+        frameon=False,
+    )
+
+
+def plot_eval(runs: Sequence[Run], path: Path) -> bool:
+    """Eval return against env steps and against wall time, mean line with the per-eval std
+    band, the training episodes' returns faint behind. False when no run has either."""
+    Figure, canvas = _figure_api()
+    if not any(r.evals or r.episodes for r in runs):
+        return False
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    ax_env, ax_wall = fig.subplots(1, 2)
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        eps = [r for r in run.episodes if math.isfinite(num(r.get("episode_return")))]
+        if eps:
+            ret = np.array([num(r.get("episode_return")) for r in eps])
+            env = np.array([num(r.get("env_steps")) for r in eps])
+            wall = wall_times(run, eps, "env_steps")
+            for ax, x in ((ax_env, env), (ax_wall, wall)):
+                ax.plot(x, ret, ".", color=color, alpha=0.3, ms=4, zorder=1)
+        evs = [r for r in run.evals if math.isfinite(num(r.get("eval_return")))]
+        if not evs:
+            continue
+        mean = np.array([num(r.get("eval_return")) for r in evs])
+        std = np.array([num(r.get("eval_return_std")) for r in evs])
+        env = np.array([num(r.get("env_steps")) for r in evs])
+        wall = wall_times(run, evs, "step")
+        for ax, x in ((ax_env, env), (ax_wall, wall)):
+            ax.plot(x, mean, "-o", color=color, ms=3.5, lw=1.6, zorder=3)
+            band = np.isfinite(std) & np.isfinite(x)
+            if band.any():
+                ax.fill_between(
+                    x[band],
+                    (mean - std)[band],
+                    (mean + std)[band],
+                    color=color,
+                    alpha=0.2,
+                    lw=0,
+                    zorder=2,
+                )
+    for ax, xlabel in ((ax_env, "env steps"), (ax_wall, "wall time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("return")
+        ax.grid(alpha=0.3)
+    ax_env.set_title("eval return (line, ±std band) and training episodes (dots) vs env steps")
+    ax_wall.set_title("the same vs wall time")
+    _run_legend(fig, runs)
+    _save(fig, canvas, path)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The report.
+
+
+def default_out(run_dirs: Sequence[Path]) -> Path:
+    if len(run_dirs) == 1:
+        return run_dirs[0] / "report"
+    base = Path.cwd() / f"report_{time.strftime('%Y%m%d_%H%M%S')}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}_{i}")
+    return path
+
+
+def label_runs(runs: Sequence[Run]) -> None:
+    """Label by directory name; where two runs share one, by the path as given."""
+    names = [r.path.resolve().name for r in runs]
+    for run, name in zip(runs, names):
+        run.label = name if names.count(name) == 1 else str(run.path)
+
+
+def write_report(runs: Sequence[Run], out: Path, target: float = 450.0) -> tuple[list[Path], str]:
+    """Plots and summary.txt into `out`. Returns the files written and the summary text."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, draw in (
+        ("losses.png", lambda p: _panel_plot(runs, LOSS_PANELS, "world model and losses", p)),
+        ("eval.png", lambda p: plot_eval(runs, p)),
+        ("behavior.png", lambda p: _panel_plot(runs, BEHAVIOR_PANELS, "behaviour", p)),
+    ):
+        if draw(out / name):
+            written.append(out / name)
+    text = "\n\n".join(summarize(r, target) for r in runs) + "\n"
+    _atomic_write(out / "summary.txt", lambda tmp: tmp.write_text(text))
+    written.append(out / "summary.txt")
+    return written, text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m engine.report",
+        description="Plots (losses.png, eval.png, behavior.png) and summary.txt from runs.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to overlay")
+    p.add_argument(
+        "--out",
+        help="output folder (default: RUN_DIR/report for one run, report_<time> in the cwd for "
+        "several)",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=450.0,
+        help="eval return whose first crossing the summary reports (default 450)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        _figure_api()  # fail before reading anything when matplotlib is missing
+        runs = [load_run(d) for d in args.run_dirs]
+        for run in runs:
+            for note in run.notes:
+                print(f"note: {note}", file=sys.stderr)
+        empty = [r for r in runs if r.empty]
+        if len(empty) == len(runs):
+            raise ReportError(f"{empty[0].path / 'metrics.jsonl'}: no metric records yet")
+        for run in empty:
+            print(f"note: {run.path}: no metric records yet; left out", file=sys.stderr)
+        runs = [r for r in runs if not r.empty]
+        label_runs(runs)
+        out = Path(args.out) if args.out else default_out([r.path for r in runs])
+        if out.exists() and not out.is_dir():
+            raise ReportError(f"--out {out}: exists and is not a folder")
+        written, text = write_report(runs, out, args.target)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {e.filename or 'output'}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+    print(text, end="")
+    print(f"report: {out} ({', '.join(p.name for p in written)})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,799 @@
+"""Sweep engine.run over a grid of config values and seeds, resumably, with summary tables.
+
+`python -m engine.sweep --config C --grid train.batch_size=8,16 --seeds 3 [--parallel N]`:
+every combination of the `--grid` values times the seeds 0..N-1 is one `engine.run` process with
+its own run directory under the sweep directory. The state lives in `sweep.json`, so re-running
+the same command finishes what is missing (done runs are skipped, interrupted runs resume from
+their checkpoint, failed ones restart in a clean directory), and `summary.csv`/`summary.md`
+tabulate the losses and returns of every run and the mean +- std over seeds of every setting.
+
+Input errors (a bad key or value in any combination, a sweep directory that holds another sweep)
+print one line and exit 2 before any run starts. Ctrl-C/SIGTERM stops the running children with
+SIGTERM (each writes its checkpoint) and exits 130; a failed run makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import fcntl
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from engine.config import Config, ConfigError, apply_overrides, load_config, to_dict
+from engine.report import SUMMARY_LOSSES
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_KEY = "general.seed"
+STEPS_KEY = "train.max_train_steps"
+# Train-record metrics tabulated (final and best) when a run logs them; best is the minimum,
+# except for these, where more is better.
+METRIC_KEYS = (*SUMMARY_LOSSES, "dream_value", "dream_return")
+MAX_IS_BEST = ("dream_value", "dream_return", "eval_return")
+STATUSES = ("pending", "running", "done", "failed", "interrupted")
+STOP_GRACE_S = 120.0  # how long stopped children get to write their checkpoint before SIGKILL
+MAX_NAME = 180  # run-directory names stay well under the 255-byte file-name limit
+
+
+class SweepError(Exception):
+    """Bad input or an unusable sweep directory: one line, exit 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: grid expansion, naming and validation (no process is started before all of it passes).
+
+
+@dataclass
+class RunSpec:
+    name: str
+    settings: dict[str, str]
+    """Grid key -> value text as given (passed on unchanged as `--set key=value`)."""
+    seed: int
+    overrides: list[str]
+
+
+@dataclass
+class Plan:
+    config: str
+    config_abs: str
+    config_hash: str
+    grid: list[tuple[str, list[str]]]
+    seeds: int
+    max_steps: int | None
+    overrides: list[str]
+    runs: list[RunSpec]
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a sweep directory to be continued by this command."""
+        return dict(
+            config=self.config_abs,
+            config_hash=self.config_hash,
+            grid=[[k, list(v)] for k, v in self.grid],
+            seeds=self.seeds,
+            max_steps=self.max_steps,
+            overrides=list(self.overrides),
+        )
+
+
+def split_values(text: str) -> list[str]:
+    """Split on commas outside brackets and quotes, so `[32,32],[64,64]` is two list values."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def parse_grid(spec: str, base: Config) -> tuple[str, list[str]]:
+    """`key=v1,v2`: each value is checked like a `--set` value (known key, right type)."""
+    src = f"--grid {spec}"
+    if "=" not in spec:
+        raise SweepError(f"{src}: expected KEY=VALUE,VALUE,...")
+    key, text = (s.strip() for s in spec.split("=", 1))
+    values = split_values(text)
+    if not key or any(not v for v in values):
+        raise SweepError(f"{src}: empty key or value")
+    for v in values:
+        if values.count(v) > 1:
+            raise SweepError(f"{src}: value {v!r} is listed twice")
+        item = f"{key}={v}"
+        try:
+            apply_overrides(copy.deepcopy(base), [item])
+        except ConfigError as e:
+            msg = str(e).removeprefix(f"--set {item}: ")
+            raise SweepError(f"{src}: {msg}") from None
+    return key, values
+
+
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each key that no other key ends with (usually the leaf)."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            short = ".".join(parts[-n:])
+            if not any(o != key and (o == short or o.endswith("." + short)) for o in keys):
+                break
+        out[key] = short
+    return out
+
+
+def safe_value(text: str) -> str:
+    """A value as it may stand in a directory name: [A-Za-z0-9._+-] only, no quotes."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "_", text.strip().strip("\"'")).strip("_")
+    return cleaned or "_"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_names(grid_keys: list[str], combos: list[tuple[dict[str, str], int]]) -> list[str]:
+    """`batch_size=8,d_hidden=64,seed=0`; names made equal by cleaning get a hash suffix."""
+    shorts = short_keys(grid_keys + [SEED_KEY])
+    names = []
+    for settings, seed in combos:
+        parts = [f"{shorts[k]}={safe_value(settings[k])}" for k in grid_keys]
+        names.append(",".join(parts + [f"{shorts[SEED_KEY]}={seed}"]))
+    raw = [json.dumps([settings, seed], sort_keys=True) for settings, seed in combos]
+    counts = Counter(names)
+    return [
+        f"{name[:MAX_NAME]}~{_digest(r)}" if counts[name] > 1 or len(name) > MAX_NAME else name
+        for name, r in zip(names, raw)
+    ]
+
+
+def expand(grid: list[tuple[str, list[str]]], seeds: int, fixed: list[str]) -> list[RunSpec]:
+    """Cartesian product of the grid values, seeds innermost; each run's full `--set` list."""
+    keys = [k for k, _ in grid]
+    combos = [
+        (dict(zip(keys, values)), seed)
+        for values in itertools.product(*(v for _, v in grid))
+        for seed in range(seeds)
+    ]
+    names = run_names(keys, combos)
+    return [
+        RunSpec(
+            name=name,
+            settings=settings,
+            seed=seed,
+            overrides=fixed + [f"{k}={v}" for k, v in settings.items()] + [f"{SEED_KEY}={seed}"],
+        )
+        for name, (settings, seed) in zip(names, combos)
+    ]
+
+
+def _key_of(item: str) -> str:
+    return item.split("=", 1)[0].strip()
+
+
+def build_plan(
+    config: str,
+    grid_specs: list[str],
+    seeds: int,
+    max_steps: int | None,
+    overrides: list[str],
+) -> Plan:
+    """Parse and validate everything, every combination included, before anything runs."""
+    if seeds < 1:
+        raise SweepError(f"--seeds {seeds}: must be >= 1")
+    if max_steps is not None and max_steps < 0:
+        raise SweepError(f"--max-steps {max_steps}: must be >= 0")
+    fixed = list(overrides) + ([f"{STEPS_KEY}={max_steps}"] if max_steps is not None else [])
+    for item in overrides:
+        if _key_of(item) == SEED_KEY:
+            raise SweepError(f"--set {item}: the seeds come from --seeds (0..N-1)")
+        if max_steps is not None and _key_of(item) == STEPS_KEY:
+            raise SweepError(f"--set {item}: conflicts with --max-steps")
+    try:
+        base = load_config(config, fixed)
+        plain = load_config(config)
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
+    grid: list[tuple[str, list[str]]] = []
+    for spec in grid_specs:
+        key, values = parse_grid(spec, base)
+        if key == SEED_KEY:
+            raise SweepError(f"--grid {spec}: the seeds come from --seeds (0..N-1)")
+        if key in (k for k, _ in grid):
+            raise SweepError(f"--grid {spec}: '{key}' is given by another --grid too")
+        if key in (_key_of(o) for o in fixed):
+            what = "--max-steps" if key == STEPS_KEY and max_steps is not None else "--set"
+            raise SweepError(f"--grid {spec}: '{key}' is also given by {what}")
+        grid.append((key, values))
+    runs = expand(grid, seeds, fixed)
+    checked = set()
+    for run in runs:
+        combo = tuple(run.settings.items())
+        if combo in checked:
+            continue  # the seed does not change what is valid
+        checked.add(combo)
+        try:
+            load_config(config, run.overrides)
+        except ConfigError as e:
+            setting = ",".join(f"{k}={v}" for k, v in combo) or "(no grid)"
+            raise SweepError(f"--grid setting {setting}: {e}") from None
+    digest = hashlib.sha256(json.dumps(to_dict(plain), sort_keys=True).encode()).hexdigest()
+    return Plan(
+        config=config,
+        config_abs=str(Path(config).resolve()),
+        config_hash=digest,
+        grid=grid,
+        seeds=seeds,
+        max_steps=max_steps,
+        overrides=list(overrides),
+        runs=runs,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# State: sweep.json, written atomically after every change.
+
+
+@dataclass
+class RunRecord:
+    name: str
+    settings: dict[str, str]
+    seed: int
+    overrides: list[str]
+    status: str = "pending"
+    exit_code: int | None = None
+    error: str | None = None
+    """The last stderr line of a failed attempt."""
+    wall_time: float = 0.0
+    """Seconds over all attempts."""
+    attempts: int = 0
+    resumed: bool = False
+    """Whether the last attempt continued from the run's checkpoint."""
+    started: str | None = None
+    finished: str | None = None
+    pid: int | None = None
+    early_stop_step: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec: RunSpec) -> RunRecord:
+        return cls(spec.name, dict(spec.settings), spec.seed, list(spec.overrides))
+
+
+@dataclass
+class SweepState:
+    identity: dict[str, Any]
+    runs: list[RunRecord]
+    created: str = field(default_factory=lambda: _now())
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="milliseconds")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Temp file in the same folder, fsync, rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_state(out: Path, state: SweepState) -> None:
+    doc = dict(
+        **state.identity,
+        config_name=Path(state.identity["config"]).name,
+        created=state.created,
+        updated=_now(),
+        counts={s: sum(r.status == s for r in state.runs) for s in STATUSES},
+        runs=[dataclasses.asdict(r) for r in state.runs],
+    )
+    write_atomic(out / "sweep.json", json.dumps(doc, indent=1) + "\n")
+
+
+def open_sweep(out: Path, plan: Plan) -> SweepState:
+    """Continue the sweep in `out` if it is this plan's, start one if `out` is new or empty."""
+    path = out / "sweep.json"
+    fresh = SweepState(plan.identity(), [RunRecord.from_spec(r) for r in plan.runs])
+    if not path.exists():
+        if out.exists() and (not out.is_dir() or any(x.name != ".lock" for x in out.iterdir())):
+            raise SweepError(f"{out}: exists and holds no sweep.json; choose another --out")
+        return fresh
+    try:
+        doc = json.loads(path.read_text())
+        old = {r["name"]: r for r in doc["runs"]}
+        known = {f.name for f in dataclasses.fields(RunRecord)}
+        identity = {k: doc[k] for k in fresh.identity}
+        kept = {n: RunRecord(**{k: v for k, v in r.items() if k in known}) for n, r in old.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise SweepError(f"{path}: unreadable sweep state ({type(e).__name__}: {e})") from None
+    for key, now in fresh.identity.items():
+        if identity[key] != now:
+            what = (
+                "the config file's settings have changed"
+                if key == "config_hash"
+                else f"{key} {identity[key]!r} there, {now!r} here"
+            )
+            raise SweepError(f"{out}: holds a different sweep ({what}); choose another --out")
+    runs = [kept.get(rec.name, rec) for rec in fresh.runs]
+    return SweepState(fresh.identity, runs, doc.get("created", _now()))
+
+
+def _still_running(pid: int, run_dir: Path) -> bool:
+    """A child left by an earlier sweep process that was killed outright."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return True
+    return str(run_dir) in cmdline
+
+
+# --------------------------------------------------------------------------------------------
+# Running: child processes, their logs, signals.
+
+
+@dataclass
+class Child:
+    record: RunRecord
+    proc: subprocess.Popen
+    reader: threading.Thread
+    last_err: list[str]
+    t0: float
+
+
+def _pump(stream: IO[bytes], log: IO[bytes], last: list[str]) -> None:
+    """Copy the child's stderr into its log, keeping the last non-empty line for the record;
+    the log is closed here, once the child (and anything holding its stderr) is gone."""
+    with stream, log:
+        for line in stream:
+            log.write(line)
+            log.flush()
+            text = line.decode(errors="replace").strip()
+            if text:
+                last[0] = text
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _early_stop_step(records: list[dict[str, Any]]) -> int | None:
+    stops = [r for r in records if r.get("type") == "early_stop"]
+    return stops[-1].get("step") if stops else None
+
+
+class Sweeper:
+    def __init__(self, out: Path, plan: Plan, state: SweepState, parallel: int):
+        self.out, self.plan, self.state, self.parallel = out, plan, state, parallel
+        self.running: dict[str, Child] = {}
+        self.stop_signal: int | None = None
+        self.force = False
+
+    def run_dir(self, rec: RunRecord) -> Path:
+        return (self.out / rec.name).resolve()
+
+    def save(self) -> None:
+        save_state(self.out, self.state)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        else:
+            self.force = True
+
+    def todo(self) -> list[RunRecord]:
+        out = []
+        for rec in self.state.runs:
+            if rec.status == "done" and self.run_dir(rec).is_dir():
+                continue
+            if rec.status == "done":  # its directory was removed: run it again
+                rec.status = "pending"
+            out.append(rec)
+        return out
+
+    def run(self) -> int:
+        """Run what is missing; 130 when stopped by a signal, 1 when a run failed, else 0."""
+        for rec in self.state.runs:
+            if rec.status == "running":
+                if rec.pid and _still_running(rec.pid, self.run_dir(rec)):
+                    raise SweepError(
+                        f"{self.out / rec.name}: still running as pid {rec.pid} (started by an "
+                        f"earlier sweep process); wait for it or stop it, then re-run"
+                    )
+                rec.status, rec.pid = "interrupted", None
+        todo = self.todo()
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "logs").mkdir(exist_ok=True)
+        self.save()
+        total, skipped = len(self.state.runs), len(self.state.runs) - len(todo)
+        _say(f"{total} runs, {skipped} done already, {len(todo)} to run in {self.out}")
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while (todo or self.running) and self.stop_signal is None:
+                while todo and len(self.running) < self.parallel:
+                    self.start(todo.pop(0))
+                for child in list(self.running.values()):
+                    if child.proc.poll() is not None:
+                        self.finish(child)
+                time.sleep(0.1)
+            if self.stop_signal is not None:
+                self.stop_all()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if self.stop_signal is not None:
+            _say(
+                f"interrupted ({signal.Signals(self.stop_signal).name}); re-run the same command "
+                "to finish the sweep"
+            )
+            return 130
+        failed = [r.name for r in self.state.runs if r.status == "failed"]
+        if failed:
+            _say(f"{len(failed)} of {total} runs failed: {', '.join(failed)} (see {self.out}/logs)")
+            return 1
+        return 0
+
+    def command(self, rec: RunRecord) -> list[str]:
+        """Resume an interrupted run from its checkpoint; otherwise start it in a clean dir."""
+        run_dir = self.run_dir(rec)
+        sets = [x for o in rec.overrides for x in ("--set", o)]
+        exe = [sys.executable, "-m", "engine.run"]
+        ckpt = run_dir / "checkpoints" / "latest.pt"
+        if rec.status == "interrupted" and ckpt.is_file() and (run_dir / "config.toml").is_file():
+            rec.resumed = True
+            return exe + ["--resume", str(run_dir), *sets]
+        rec.resumed = False
+        if run_dir.exists():
+            aside = self.out / "aside"
+            aside.mkdir(exist_ok=True)
+            k = 1
+            while (aside / f"{rec.name}.{k}").exists():
+                k += 1
+            os.replace(run_dir, aside / f"{rec.name}.{k}")
+            _say(f"moved the {rec.status} run's directory to {aside / f'{rec.name}.{k}'}")
+        return exe + ["--config", self.plan.config_abs, "--run-dir", str(run_dir), *sets]
+
+    def start(self, rec: RunRecord) -> None:
+        cmd = self.command(rec)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if self.parallel > 1 and "OMP_NUM_THREADS" not in env:
+            # Runs side by side share the cores instead of each starting one thread per core.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))
+        log = open(self.out / "logs" / f"{rec.name}.log", "ab")
+        rec.attempts += 1
+        log.write(f"=== {_now()} attempt {rec.attempts}: {shlex.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the sweep only; it stops them
+        )
+        last = [""]
+        reader = threading.Thread(target=_pump, args=(proc.stderr, log, last), daemon=True)
+        reader.start()
+        rec.status, rec.pid, rec.exit_code, rec.error = "running", proc.pid, None, None
+        rec.started, rec.finished, rec.early_stop_step = _now(), None, None
+        self.running[rec.name] = Child(rec, proc, reader, last, time.perf_counter())
+        self.save()
+        how = "resume" if rec.resumed else "start"
+        _say(f"{how} {rec.name} (attempt {rec.attempts}, log logs/{rec.name}.log)")
+
+    def finish(self, child: Child, stopping: bool = False) -> None:
+        rec, rc = child.record, child.proc.returncode
+        child.reader.join(timeout=10)
+        del self.running[rec.name]
+        rec.wall_time += time.perf_counter() - child.t0
+        rec.exit_code, rec.pid, rec.finished = rc, None, _now()
+        if rc == 0:
+            rec.status, rec.error = "done", None
+            rec.early_stop_step = _early_stop_step(_read_metrics(self.run_dir(rec)))
+        elif stopping or rc in (130, -signal.SIGINT, -signal.SIGTERM):
+            rec.status, rec.error = "interrupted", None
+        else:
+            rec.status = "failed"
+            rec.error = child.last_err[0] or _describe_exit(rc)
+        self.save()
+        write_summary(self.out, self.state)
+        extra = f": {rec.error}" if rec.error else ""
+        _say(f"{rec.status} {rec.name} in {rec.wall_time:.0f} s (exit {rc}){extra}")
+
+    def stop_all(self) -> None:
+        """SIGTERM every child (each checkpoints and exits 130); SIGKILL after the grace time
+        or on a second Ctrl-C."""
+        children = list(self.running.values())
+        if children:
+            _say(f"stopping {len(children)} runs (they write their checkpoints)")
+        for child in children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        killed = False
+        while any(c.proc.poll() is None for c in children):
+            if not killed and (self.force or time.monotonic() > deadline):
+                for child in children:
+                    if child.proc.poll() is None:
+                        child.proc.kill()
+                killed = True
+            time.sleep(0.1)
+        for child in children:
+            self.finish(child, stopping=child.proc.returncode != 0)
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _say(text: str) -> None:
+    print(f"sweep: {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries.
+
+
+def _best(key: str, values: list[float]) -> float:
+    return max(values) if key in MAX_IS_BEST else min(values)
+
+
+def _numbers(records: list[dict[str, Any]], key: str) -> list[float]:
+    out = []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out.append(float(v))
+    return out
+
+
+def run_row(out: Path, rec: RunRecord) -> dict[str, Any]:
+    """One run's numbers from its metrics.jsonl and checkpoint; None where it has none."""
+    run_dir = out / rec.name
+    records = _read_metrics(run_dir)
+    train = [r for r in records if r.get("type") == "train"]
+    evals = _numbers([r for r in records if r.get("type") == "eval"], "eval_return")
+    row: dict[str, Any] = {}
+    for key in METRIC_KEYS:
+        values = _numbers(train, key)
+        row[f"final_{key}"] = values[-1] if values else None
+        row[f"best_{key}"] = _best(key, values) if values else None
+    row["final_eval_return"] = evals[-1] if evals else None
+    row["best_eval_return"] = max(evals) if evals else None
+    steps, env_steps = _numbers(records, "step"), _numbers(records, "env_steps")
+    row["train_steps"] = int(max(steps)) if steps else None
+    row["env_steps"] = int(max(env_steps)) if env_steps else None
+    sps = _numbers(train, "train_steps_per_sec")
+    row["train_steps_per_sec"] = statistics.fmean(sps) if sps else None
+    row["wall_time_s"] = round(rec.wall_time, 1)
+    ckpt = run_dir / "checkpoints" / "latest.pt"
+    row["checkpoint_bytes"] = ckpt.stat().st_size if ckpt.is_file() else None
+    stop = _early_stop_step(records)
+    row["status"] = rec.status + (f", early stop at step {stop}" if stop is not None else "")
+    return row
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return _fmt(values[0])
+    return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.3g}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(out: Path, state: SweepState) -> tuple[str, str]:
+    """(summary.csv, summary.md) text: every run, then mean +- std over seeds per setting."""
+    keys = [k for k, _ in state.identity["grid"]]
+    shorts = short_keys(keys + [SEED_KEY])
+    rows = [(rec, run_row(out, rec)) for rec in state.runs]
+    present = [k for k in METRIC_KEYS if any(row[f"final_{k}"] is not None for _, row in rows)]
+    metric_cols = [f"{w}_{k}" for k in present for w in ("final", "best")]
+    tail = ["final_eval_return", "best_eval_return", "train_steps", "env_steps"]
+    tail += ["train_steps_per_sec", "wall_time_s", "checkpoint_bytes"]
+    header = [shorts[k] for k in keys] + ["seed", "status"] + metric_cols + tail
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for rec, row in rows:
+        grid_cells = [rec.settings.get(k, "") for k in keys]
+        cells = [row[c] for c in metric_cols + tail]
+        writer.writerow(
+            grid_cells + [rec.seed, row["status"]] + ["" if c is None else c for c in cells]
+        )
+
+    ident = state.identity
+    counts = {s: sum(r.status == s for r in state.runs) for s in STATUSES}
+    md = [
+        f"# Sweep {out.name}\n",
+        f"config `{ident['config']}`, seeds {ident['seeds']}, max steps "
+        f"{_fmt(ident['max_steps'])}, overrides "
+        f"{' '.join(f'`{o}`' for o in ident['overrides']) or '-'}; runs: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        + "\n",
+        "## Runs\n",
+        "Losses from the train records as final (best); best is the minimum, the maximum for "
+        "dream_value, dream_return and eval_return.\n",
+    ]
+    run_header = [shorts[k] for k in keys] + ["seed", "status"] + present
+    run_header += ["eval_return", "train steps", "env steps", "steps/s", "wall s", "ckpt MB"]
+    table = []
+    for rec, row in rows:
+        cells = [rec.settings.get(k, "") for k in keys] + [str(rec.seed), row["status"]]
+        for k in present + ["eval_return"]:
+            final, best = row[f"final_{k}"], row[f"best_{k}"]
+            cells.append("-" if final is None else f"{_fmt(final)} ({_fmt(best)})")
+        size = row["checkpoint_bytes"]
+        cells += [_fmt(row[c]) for c in ("train_steps", "env_steps", "train_steps_per_sec")]
+        cells += [_fmt(row["wall_time_s"]), "-" if size is None else f"{size / 1e6:.2f}"]
+        table.append(cells)
+    md.append(_md_table(run_header, table))
+
+    md.append("## Over seeds\n")
+    md.append("Mean ± std over the done runs of each setting.\n")
+    groups: dict[tuple[str, ...], list[tuple[RunRecord, dict[str, Any]]]] = {}
+    for rec, row in rows:
+        groups.setdefault(tuple(rec.settings.get(k, "") for k in keys), []).append((rec, row))
+    cols = ("final_eval_return", "best_eval_return", "final_wm_loss", "train_steps_per_sec")
+    group_header = [shorts[k] for k in keys] + ["done"]
+    group_header += ["final eval_return", "best eval_return", "final wm_loss", "steps/s"]
+    gtable = []
+    for setting, members in groups.items():
+        done = [row for rec, row in members if rec.status == "done"]
+        cells = list(setting) + [f"{len(done)}/{len(members)}"]
+        cells += [_mean_std([r[c] for r in done if r[c] is not None]) for c in cols]
+        gtable.append(cells)
+    md.append(_md_table(group_header, gtable))
+    return buf.getvalue(), "\n".join(md)
+
+
+def write_summary(out: Path, state: SweepState) -> str:
+    csv_text, md_text = summarize(out, state)
+    write_atomic(out / "summary.csv", csv_text)
+    write_atomic(out / "summary.md", md_text)
+    return md_text
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SweepError(message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m engine.sweep", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="the base config (.toml or archive .json)")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="values of one key to sweep, parsed like --set values (repeatable: cartesian product)",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per setting (default 1)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--max-steps", type=int, help="train.max_train_steps of every run")
+    p.add_argument("--out", help="sweep directory (default sweeps/<config stem>_<date-time>)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a fixed override for every run (repeatable)",
+    )
+    return p.parse_args(argv)
+
+
+def _lock(out: Path) -> IO[str]:
+    """One sweep process per directory; the lock goes with the process."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise SweepError(f"{out}: another sweep process is running there") from None
+    return f
+
+
+def sweep(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.parallel < 1:
+        raise SweepError(f"--parallel {args.parallel}: must be >= 1")
+    plan = build_plan(args.config, args.grid, args.seeds, args.max_steps, args.overrides)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("sweeps") / f"{Path(args.config).stem}_{stamp}"
+    open_sweep(out, plan)  # refuses a foreign directory before touching it
+    lock = _lock(out)
+    try:
+        state = open_sweep(out, plan)  # again, now that no other sweep process can write it
+        code = Sweeper(out, plan, state, args.parallel).run()
+        print(write_summary(out, state), end="")
+    finally:
+        lock.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = sweep(argv)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # before the runs started (e.g. while validating)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""engine.report: plots and summary from metrics.jsonl, on synthetic runs and one real tiny run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import report
+
+ROOT = Path(__file__).resolve().parent.parent
+TAB_BLUE, TAB_ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's C0 and C1
+
+
+def write_metrics(run_dir: Path, records: list, extra_lines: tuple[str, ...] = ()) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) for r in records] + list(extra_lines)
+    (run_dir / "metrics.jsonl").write_text("".join(x + "\n" for x in lines))
+    return run_dir
+
+
+def synthetic(reach_at: int | None, scale: float = 1.0) -> list:
+    """Train lines every 20 steps (wall = step s), evals every 10 steps with return 45 x step/10
+    capped at 500 (so >= 450 first at step `reach_at`), an episode every 10 steps."""
+    recs = []
+    for step in range(10, 101, 10):
+        env = step * 10
+        recs.append(dict(type="episode", step=step, env_steps=env, episode_return=step / 2))
+        if step % 20 == 0:
+            warm = step < 40
+            recs.append(
+                dict(
+                    type="train",
+                    step=step,
+                    env_steps=env,
+                    wall_time=float(step),
+                    wm_loss=1000.0 * scale / step,
+                    image_loss=0.5 / step,
+                    reward_loss=0.7,
+                    kl_dyn=1.0,
+                    kl_rep=1.1,
+                    actor_loss=None if warm else -0.1,
+                    actor_entropy=None if warm else 0.6 * scale,
+                    critic_loss=None if warm else 2.0,
+                    dream_value=None if warm else 5.0 * step * scale,
+                    return_scale=None if warm else 1.0,
+                    train_steps_per_sec=1.0,
+                )
+            )
+        ret = 500.0 if reach_at is not None and step >= reach_at else 4.0 * step
+        recs.append(
+            dict(
+                type="eval",
+                step=step,
+                env_steps=env,
+                eval_return=ret,
+                eval_return_std=3.0,
+                eval_returns=[ret - 3, ret + 3],
+            )
+        )
+    return recs
+
+
+def has_color(path: Path, rgb: tuple[int, int, int], tol: int = 12) -> bool:
+    """Whether the plot area (above the run legend at the bottom) holds that colour."""
+    a = np.asarray(Image.open(path).convert("RGB")).astype(int)[:-60]
+    return bool((np.abs(a - np.array(rgb)).max(-1) <= tol).any())
+
+
+def run_main(args: list, capsys) -> tuple[int, str, str]:
+    try:
+        report.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_two_runs_are_overlaid_and_summarised(tmp_path, capsys):
+    a = write_metrics(tmp_path / "run_a", synthetic(reach_at=30))
+    b = write_metrics(tmp_path / "run_b", synthetic(reach_at=None, scale=3.0))
+    out = tmp_path / "out"
+    code, stdout, err = run_main([a, b, "--out", out], capsys)
+    assert code == 0, err
+    for name in ("losses.png", "eval.png", "behavior.png", "summary.txt"):
+        assert (out / name).is_file(), name
+    for name in ("losses.png", "eval.png", "behavior.png"):
+        png = out / name
+        assert Image.open(png).format == "PNG"
+        # Both runs drawn: matplotlib's first two cycle colours appear in every plot.
+        assert has_color(png, TAB_BLUE) and has_color(png, TAB_ORANGE), name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    text = (out / "summary.txt").read_text()
+    assert stdout == text
+    first, second = text.split("\n\n")
+    assert "run_a" in first and "run_b" in second
+    assert "steps 100, env steps 1,000, wall time 100.0 s, 1 steps/s" in first
+    # First >= 450 at the step-30 eval (env 300); wall interpolated between steps 20 and 40.
+    assert "first eval >= 450: 500.0 at env step 300, 30 s wall (step 30)" in first
+    assert "first eval >= 450: never" in second
+    assert "final 400.0 (step 100, env step 1,000), best 400.0" in second
+    assert "wm_loss 30" in second and "actor_loss -0.1" in second
+    assert "training episodes: 10, last 50.0" in first
+
+
+def test_target_option(tmp_path, capsys):
+    a = write_metrics(tmp_path / "r", synthetic(reach_at=None))
+    code, stdout, _ = run_main([a, "--target", "200"], capsys)
+    assert code == 0
+    assert "first eval >= 200: 200.0 at env step 500, 50 s wall (step 50)" in stdout
+
+
+def test_default_out_dirs(tmp_path, capsys, monkeypatch):
+    a = write_metrics(tmp_path / "a", synthetic(30))
+    b = write_metrics(tmp_path / "b", synthetic(None))
+    assert run_main([a], capsys)[0] == 0
+    assert (a / "report" / "losses.png").is_file()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert run_main([a, b], capsys)[0] == 0
+    assert run_main([a, b], capsys)[0] == 0  # a second report gets its own folder
+    outs = sorted(p for p in cwd.iterdir() if p.name.startswith("report_"))
+    assert len(outs) == 2
+    assert all((p / "eval.png").is_file() for p in outs)
+
+
+def test_unreadable_lines_are_skipped_with_a_note(tmp_path, capsys):
+    recs = synthetic(30)
+    bad = (
+        '{"type": "train", "step": 5',  # cut off by a kill
+        "not json at all",
+        "[1, 2, 3]",
+        '{"type": "early_stop", "step": 105, "reason": "wm_loss flat for 5 evals"}',
+        json.dumps(dict(type="train", step=110, env_steps=1100, wall_time=110.0, wm_loss="nan")),
+    )
+    a = write_metrics(tmp_path / "r", recs, bad)
+    code, stdout, err = run_main([a], capsys)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "note: skipped 3 unreadable line(s)" in err
+    assert "(line 26, 27, 28)" in err
+    assert "early_stop at step 105: wm_loss flat for 5 evals" in stdout
+    # The NaN string is read back as NaN, so the final wm_loss is the last finite one.
+    assert "wm_loss 10," in stdout and "steps 110" in stdout
+    assert "note: skipped 3 unreadable" in (a / "report" / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "no such run directory"),
+        (lambda p: p.mkdir(), "not a run directory (no metrics.jsonl)"),
+        (lambda p: write_metrics(p, []), "no metric records yet"),
+        (lambda p: write_metrics(p, [], ("garbage",)), "no metric records yet"),
+    ],
+)
+def test_bad_run_dirs_fail_with_one_line(tmp_path, capsys, setup, message):
+    run = tmp_path / "run"
+    setup(run)
+    code, _, err = run_main([run], capsys)
+    assert code == 2
+    lines = [x for x in err.splitlines() if not x.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_an_empty_run_among_several_is_left_out(tmp_path, capsys):
+    a = write_metrics(tmp_path / "a", synthetic(30))
+    empty = write_metrics(tmp_path / "empty", [])
+    code, stdout, err = run_main([a, empty, "--out", tmp_path / "o"], capsys)
+    assert code == 0
+    assert "empty: no metric records yet; left out" in err
+    assert "(a)" in stdout and "(empty)" not in stdout
+
+
+def test_out_that_is_a_file_fails(tmp_path, capsys):
+    a = write_metrics(tmp_path / "a", synthetic(30))
+    (tmp_path / "f").write_text("x")
+    code, _, err = run_main([a, "--out", tmp_path / "f"], capsys)
+    assert code == 2 and err.strip() == f"error: --out {tmp_path / 'f'}: exists and is not a folder"
+
+
+def test_missing_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
+    a = write_metrics(tmp_path / "a", synthetic(30))
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = run_main([a], capsys)
+    assert code == 2
+    assert err == "error: engine.report needs matplotlib: pip install matplotlib\n"
+    assert not (a / "report").exists()
+
+
+def test_num_and_wall_time_interpolation():
+    assert math.isnan(report.num(None)) and math.isnan(report.num(True))
+    assert math.isnan(report.num("nan")) and report.num("inf") == math.inf
+    assert report.num(3) == 3.0 and math.isnan(report.num("abc"))
+    run = report.Run(Path("x"))
+    run.train = [dict(step=10, env_steps=100, wall_time=5.0), dict(step=30, env_steps=300)]
+    run.train.append(dict(step=20, env_steps=200, wall_time=15.0))
+    evals = [dict(step=5), dict(step=15), dict(step=20, wall_time=99.0), dict(step=40)]
+    # Sorted by step, anchored at (0, 0); a logged wall_time wins; beyond the last: clamped.
+    np.testing.assert_allclose(report.wall_times(run, evals, "step"), [2.5, 10.0, 99.0, 15.0])
+    eps = [dict(env_steps=150)]
+    np.testing.assert_allclose(report.wall_times(run, eps, "env_steps"), [10.0])
+    # Without training lines only logged wall times are known.
+    no_train = report.wall_times(report.Run(Path("y")), evals, "step")
+    np.testing.assert_allclose(no_train, [np.nan, np.nan, 99.0, np.nan])
+
+
+def test_log_scale_only_where_it_helps():
+    assert report._use_log([np.array([1000.0, 10.0]), np.array([5.0])])
+    assert not report._use_log([np.array([1.0, 2.0])])
+    assert not report._use_log([np.array([-1.0, 100.0])])  # actor_loss can be negative
+    assert not report._use_log([])
+
+
+@pytest.mark.slow
+def test_report_of_a_real_tiny_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run_dir = tmp_path / "tiny"
+    train = subprocess.run(
+        [sys.executable, "-m", "engine.run", "--config", "configs/tiny.toml"]
+        + ["--run-dir", str(run_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.report", str(run_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = run_dir / "report"
+    for name in ("losses.png", "eval.png", "behavior.png", "summary.txt"):
+        assert (out / name).is_file(), name
+    text = (out / "summary.txt").read_text()
+    assert "steps 12, env steps" in text and "eval: 2 evaluations" in text
+    # The trainer's field names reach the summary.
+    for key in ("image_loss", "reward_loss_excess", "kl_dyn", "critic_loss", "actor_entropy"):
+        assert f"{key} " in text, key

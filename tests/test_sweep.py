@@ -1,0 +1,332 @@
+"""The sweep runner: grid expansion and naming, input errors, and real sweeps of tiny runs
+(parallel, a failing run, resume of a half-finished sweep, SIGTERM)."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from engine.sweep import (
+    MAX_NAME,
+    RunRecord,
+    SweepState,
+    _still_running,
+    build_plan,
+    run_names,
+    short_keys,
+    split_values,
+    summarize,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tiny runs that take a few seconds, most of it importing torch: 40 bootstrap env steps (10
+# collection steps of 4 envs) instead of 64, and an eval every 2 updates so returns get logged.
+FAST = [
+    "--config",
+    "configs/tiny.toml",
+    "--set",
+    "train.bootstrap_steps=40",
+    "--set",
+    "log.eval_every=2",
+]
+
+
+def sweep(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.sweep", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def state(out):
+    return json.loads((out / "sweep.json").read_text())
+
+
+def runs(out):
+    return {r["name"]: r for r in state(out)["runs"]}
+
+
+def csv_rows(out):
+    with open(out / "summary.csv", newline="") as f:
+        return {f"batch_size={r['batch_size']},seed={r['seed']}": r for r in csv.DictReader(f)}
+
+
+# ---- Planning (no processes) ---------------------------------------------------------------
+
+
+def test_split_values_keeps_lists_and_quoted_commas_whole():
+    assert split_values("8,16, 32") == ["8", "16", "32"]
+    assert split_values("[32,32],[64,64]") == ["[32,32]", "[64,64]"]
+    assert split_values('"a,b",c') == ['"a,b"', "c"]
+
+
+def test_grid_expansion_names_and_overrides():
+    plan = build_plan(
+        "configs/tiny.toml",
+        ["train.batch_size=2,4", "models.d_hidden=16,32"],
+        seeds=2,
+        max_steps=3,
+        overrides=["log.eval_every=2"],
+    )
+    names = [r.name for r in plan.runs]
+    assert names == [
+        f"batch_size={b},d_hidden={d},seed={s}" for b in (2, 4) for d in (16, 32) for s in (0, 1)
+    ]
+    first = plan.runs[0]
+    assert first.overrides == [
+        "log.eval_every=2",
+        "train.max_train_steps=3",
+        "train.batch_size=2",
+        "models.d_hidden=16",
+        "general.seed=0",
+    ]
+    assert plan.runs[-1].settings == {"train.batch_size": "4", "models.d_hidden": "32"}
+    assert plan.runs[-1].seed == 1
+
+
+def test_a_seed_only_sweep_needs_no_grid():
+    plan = build_plan("configs/tiny.toml", [], seeds=3, max_steps=None, overrides=[])
+    assert [r.name for r in plan.runs] == ["seed=0", "seed=1", "seed=2"]
+
+
+def test_short_keys_lengthen_only_where_leaves_collide():
+    keys = ["a.b.x", "c.d.x", "e.y", "general.seed"]
+    assert short_keys(keys) == {"a.b.x": "b.x", "c.d.x": "d.x", "e.y": "y", "general.seed": "seed"}
+    assert short_keys(["env.name", "name"]) == {"env.name": "env.name", "name": "name"}
+
+
+def test_run_names_are_filesystem_safe_and_unique():
+    combos = [
+        ({"env.name": '"a b"'}, 0),
+        ({"env.name": "a_b"}, 0),  # cleans to the same text as the first
+        ({"env.name": "../up/and/away"}, 0),
+        ({"env.name": "x" * 400}, 0),
+    ]
+    names = run_names(["env.name"], combos)
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert "/" not in name and '"' not in name and " " not in name
+        assert len(name) <= MAX_NAME + 9
+    assert names[0].startswith("name=a_b,seed=0~") and names[1].startswith("name=a_b,seed=0~")
+    assert names[2] == "name=.._up_and_away,seed=0"
+
+
+def test_summary_takes_final_best_and_mean_std_over_seeds(tmp_path):
+    lines = {
+        0: [
+            dict(type="train", step=2, env_steps=40, wm_loss=5.0, train_steps_per_sec=2.0),
+            dict(type="eval", step=2, env_steps=40, eval_return=10.0),
+            dict(type="train", step=4, env_steps=80, wm_loss=3.0, train_steps_per_sec=4.0),
+            dict(type="train", step=6, env_steps=96, wm_loss=4.0, train_steps_per_sec=6.0),
+            dict(type="eval", step=6, env_steps=96, eval_return=8.0),
+        ],
+        1: [
+            dict(type="train", step=6, env_steps=96, wm_loss=2.0, train_steps_per_sec=4.0),
+            dict(type="eval", step=6, env_steps=96, eval_return=12.0),
+            dict(type="early_stop", step=6),
+        ],
+    }
+    records = []
+    for seed, recs in lines.items():
+        name = f"batch_size=4,seed={seed}"
+        (tmp_path / name).mkdir()
+        text = "\n".join(json.dumps(r) for r in recs) + "\n{truncated"
+        (tmp_path / name / "metrics.jsonl").write_text(text)
+        records.append(
+            RunRecord(name, {"train.batch_size": "4"}, seed, [], status="done", wall_time=3.0)
+        )
+    identity = dict(
+        config="c.toml", grid=[["train.batch_size", ["4"]]], seeds=2, max_steps=6, overrides=[]
+    )
+    csv_text, md = summarize(tmp_path, SweepState(identity, records))
+    rows = list(csv.DictReader(csv_text.splitlines()))
+    a, b = rows
+    assert (a["final_wm_loss"], a["best_wm_loss"]) == ("4.0", "3.0")
+    assert (a["final_eval_return"], a["best_eval_return"]) == ("8.0", "10.0")
+    assert (a["train_steps"], a["env_steps"], a["train_steps_per_sec"]) == ("6", "96", "4.0")
+    assert a["status"] == "done" and b["status"] == "done, early stop at step 6"
+    assert "final_image_loss" not in a  # not logged by any run
+    assert a["checkpoint_bytes"] == ""
+    # Over seeds: final eval 8 and 12 -> 10 +- 2.83; final wm_loss 4 and 2 -> 3 +- 1.41.
+    assert "| 4 | 2/2 | 10 ± 2.83 | 11 ± 1.41 | 3 ± 1.41 | 4 ± 0 |" in md
+
+
+# ---- Input errors: one line, exit 2, nothing started ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--grid", "train.bogus=1,2"], ["--grid train.bogus=1,2", "unknown key 'train.bogus'"]),
+        (["--grid", "train.batch_size=8,eight"], ["train.batch_size", "must be int"]),
+        (["--grid", "train.batch_size=8,0"], ["train.batch_size=0", "must be >= 1"]),
+        (["--grid", "models.d_hidden=16,12"], ["models.d_hidden", "multiple of 8"]),
+        (["--grid", "train.batch_size"], ["expected KEY=VALUE"]),
+        (["--grid", "train.batch_size=8,8"], ["listed twice"]),
+        (["--grid", "general.seed=1,2"], ["--seeds"]),
+        (["--grid", "train.max_train_steps=2,4", "--max-steps", "3"], ["--max-steps"]),
+        (["--set", "train.batch_size=2", "--grid", "train.batch_size=2,4"], ["--set"]),
+        (["--set", "train.nope=1"], ["unknown key 'train.nope'"]),
+        (["--seeds", "0"], ["--seeds"]),
+        (["--parallel", "0"], ["--parallel"]),
+        (["--parallel", "two"], ["--parallel"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_before_any_run(tmp_path, args, words):
+    out = tmp_path / "s"
+    res = sweep("--config", "configs/tiny.toml", "--out", out, *args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for w in words:
+        assert w in lines[0]
+    assert not out.exists()
+
+
+def test_missing_config_and_foreign_out_dir_are_refused(tmp_path):
+    res = sweep("--config", "configs/nope.toml", "--out", tmp_path / "s")
+    assert res.returncode == 2 and "file not found" in res.stderr
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    res = sweep(*FAST, "--out", tmp_path / "busy")
+    assert res.returncode == 2 and "holds no sweep.json" in res.stderr
+
+
+# ---- Real sweeps of tiny runs ---------------------------------------------------------------
+
+
+def _max_overlap(recs):
+    spans = [
+        (datetime.fromisoformat(r["started"]), datetime.fromisoformat(r["finished"])) for r in recs
+    ]
+    return max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+
+
+def test_sweep_in_parallel_then_resume_only_what_is_unfinished(tmp_path):
+    out = tmp_path / "s"
+    args = [*FAST, "--grid", "train.batch_size=2,4", "--seeds", "2", "--max-steps", "2"]
+    args += ["--parallel", "2", "--out", out]
+    res = sweep(*args)
+    assert res.returncode == 0, res.stderr
+    names = [f"batch_size={b},seed={s}" for b in (2, 4) for s in (0, 1)]
+    first = runs(out)
+    assert list(first) == names
+    for name, r in first.items():
+        assert (r["status"], r["exit_code"], r["attempts"]) == ("done", 0, 1), r
+        assert (out / "logs" / f"{name}.log").is_file()
+        cfg = (out / name / "config.toml").read_text()
+        assert f"batch_size = {name[11]}" in cfg and f"seed = {name[-1]}" in cfg
+    assert _max_overlap(first.values()) == 2  # two at a time, never more
+
+    rows = csv_rows(out)
+    assert list(rows) == names
+    for name, row in rows.items():
+        assert row["status"] == "done" and row["train_steps"] == "2"
+        assert math.isfinite(float(row["final_wm_loss"])) and row["best_wm_loss"]
+        assert row["final_eval_return"] and float(row["train_steps_per_sec"]) > 0
+        size = (out / name / "checkpoints" / "latest.pt").stat().st_size
+        assert int(row["checkpoint_bytes"]) == size
+    md = (out / "summary.md").read_text()
+    assert "| 2 | 2/2 |" in md and "| 4 | 2/2 |" in md and "| 2 | 1 | done |" in md
+    assert "## Over seeds" in res.stdout and "| 4 | 1 | done |" in res.stdout
+
+    # Half-finished: one run interrupted (it has a checkpoint: resumed), one failed (its
+    # directory is moved aside and it starts again); the other two must not run.
+    doc = state(out)
+    for r in doc["runs"]:
+        if r["name"] == "batch_size=2,seed=1":
+            r["status"] = "interrupted"
+        if r["name"] == "batch_size=4,seed=0":
+            r["status"], r["exit_code"], r["error"] = "failed", 3, "error: boom"
+    (out / "sweep.json").write_text(json.dumps(doc))
+    with open(out / "batch_size=4,seed=1" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"type": "early_stop", "step": 2}) + "\n")
+    untouched = ["batch_size=2,seed=0", "batch_size=4,seed=1"]
+    mtimes = {n: (out / "logs" / f"{n}.log").stat().st_mtime_ns for n in untouched}
+
+    res = sweep(*args)
+    assert res.returncode == 0, res.stderr
+    second = runs(out)
+    assert all(r["status"] == "done" for r in second.values())
+    resumed, restarted = second["batch_size=2,seed=1"], second["batch_size=4,seed=0"]
+    assert resumed["attempts"] == 2 and resumed["resumed"] is True
+    assert "resumed" in (out / "logs" / "batch_size=2,seed=1.log").read_text()
+    assert restarted["attempts"] == 2 and restarted["resumed"] is False
+    assert restarted["error"] is None and restarted["exit_code"] == 0
+    assert (out / "aside" / "batch_size=4,seed=0.1" / "metrics.jsonl").is_file()
+    for n in untouched:
+        assert second[n] == first[n]
+        assert (out / "logs" / f"{n}.log").stat().st_mtime_ns == mtimes[n]
+    assert csv_rows(out)["batch_size=4,seed=1"]["status"] == "done, early stop at step 2"
+
+    # Same --out, different grid: refused, nothing touched.
+    res = sweep(
+        *FAST, "--grid", "train.batch_size=2,8", "--seeds", "2", "--max-steps", "2", "--out", out
+    )
+    assert res.returncode == 2 and "holds a different sweep (grid" in res.stderr
+    assert runs(out) == second
+
+
+def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):
+    # image_scale 1e308 passes validation (finite, >= 0) but makes the first losses infinite,
+    # so that run stops with a one-line error; it goes first, the other must still run.
+    out = tmp_path / "s"
+    res = sweep(*FAST, "--grid", "train.image_scale=1e308,1", "--max-steps", "2", "--out", out)
+    assert res.returncode == 1, res.stderr
+    recs = runs(out)
+    bad, good = recs["image_scale=1e308,seed=0"], recs["image_scale=1,seed=0"]
+    assert bad["status"] == "failed" and bad["exit_code"] not in (0, None)
+    assert bad["error"].startswith("error: ") and "non-finite" in bad["error"]
+    assert good["status"] == "done" and good["exit_code"] == 0
+    assert "1 of 2 runs failed" in res.stderr
+    with open(out / "summary.csv", newline="") as f:
+        rows = {r["image_scale"]: r for r in csv.DictReader(f)}
+    assert rows["1e308"]["status"] == "failed" and rows["1"]["status"] == "done"
+    assert rows["1"]["final_wm_loss"] and not rows["1e308"]["final_wm_loss"]
+
+
+def _train_logged(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and '"type": "train"' in path.read_text()
+
+
+def test_sigterm_stops_the_runs_with_checkpoints_and_exits_130(tmp_path):
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "engine.sweep", *FAST, "--seeds", "2", "--parallel", "2"]
+    cmd += ["--max-steps", "100000", "--set", "log.log_every=2", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        dirs = [out / "seed=0", out / "seed=1"]
+        while time.time() < deadline and not all(_train_logged(d) for d in dirs):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            for name, r in runs(out).items():  # the runs live in their own sessions
+                if r["pid"] and _still_running(r["pid"], (out / name).resolve()):
+                    os.kill(r["pid"], signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted (SIGTERM)" in err
+    for name, r in runs(out).items():
+        assert (r["status"], r["exit_code"], r["pid"]) == ("interrupted", 130, None), r
+        assert (out / name / "checkpoints" / "latest.pt").is_file()
+    assert "interrupted" in (out / "summary.md").read_text()
