@@ -144,6 +144,7 @@ def measure(
             cuda_graphs=opts.cuda_graphs,
             precision=opts.precision,
             kernels=opts.kernels,
+            batched_wgrad=opts.batched_wgrad,
         ),
         dropped=notices,
     )
