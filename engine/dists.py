@@ -10,24 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import twohot as _twohot
-from kernels.twohot import make_bins, symexp, symlog, twohot, twohot_floor
+from kernels.twohot import make_bins, symexp, symlog, twohot, twohot_floor, twohot_loss
 
-__all__ = ["make_bins", "symexp", "symlog", "twohot", "twohot_floor"]
-
-
-def twohot_loss(
-    logits: Tensor,
-    y: Tensor,
-    bins: Tensor,
-    y2: Tensor | None = None,
-    coef2: float = 0.0,
-    impl: str = "torch",
-) -> Tensor:
-    """Cross-entropy of the two-hot target of y (plus coef2 x that of y2) under softmax(logits).
-
-    (..., K), (...) -> (...). impl "triton" runs the fused kernel (kernels/twohot.py)."""
-    return _twohot.twohot_loss(logits, y, bins, y2, coef2, impl=impl)
+__all__ = ["make_bins", "symexp", "symlog", "twohot", "twohot_floor", "twohot_loss"]
 
 
 def twohot_mean(logits: Tensor, bins: Tensor) -> Tensor:

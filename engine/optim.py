@@ -75,7 +75,11 @@ def step_together(loss: Tensor, optimizers: list[Adam]) -> list[Tensor]:
     # differ from its parameter's (inductor returns conv-transpose weight gradients in
     # channels-last order) would be applied to the wrong elements.
     grads = [
-        torch.zeros_like(p) if g is None else g if g.stride() == p.stride() else _like(g, p)
+        torch.zeros_like(p)
+        if g is None
+        else g
+        if g.stride() == p.stride()
+        else torch.empty_like(p).copy_(g)
         for p, g in zip(params, grads)
     ]
     norms, i = [], 0
@@ -85,9 +89,3 @@ def step_together(loss: Tensor, optimizers: list[Adam]) -> list[Tensor]:
             norms.append(opt._apply(grads[i : i + n]))
             i += n
     return norms
-
-
-def _like(g: Tensor, p: Tensor) -> Tensor:
-    out = torch.empty_like(p)
-    out.copy_(g)
-    return out
