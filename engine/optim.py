@@ -74,12 +74,9 @@ def step_together(loss: Tensor, optimizers: list[Adam]) -> list[Tensor]:
     # The fused kernel walks parameters and gradients as flat memory: a gradient whose strides
     # differ from its parameter's (inductor returns conv-transpose weight gradients in
     # channels-last order) would be applied to the wrong elements.
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     grads = [
-        torch.zeros_like(p)
-        if g is None
-        else g
-        if g.stride() == p.stride()
-        else torch.empty_like(p).copy_(g)
+        g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
         for p, g in zip(params, grads)
     ]
     norms, i = [], 0
