@@ -71,6 +71,8 @@ class EnvConfig:
     """Observe the 64x64 RGB frame."""
     vector: bool = True
     """Observe the state vector."""
+    processes: bool = False
+    """gymnasium backend only: step each env in its own worker process (for many-core machines)."""
 
 
 @dataclass
@@ -422,6 +424,12 @@ def validate(cfg: Config, src: str = "config") -> None:
         e.backend in ("envpool", "gymnasium"), "env.backend", "must be envpool|gymnasium", e.backend
     )
     need(e.num_envs >= 1, "env.num_envs", "must be >= 1", e.num_envs)
+    need(
+        not e.processes or e.backend == "gymnasium",
+        "env.processes",
+        "needs env.backend = gymnasium (envpool runs its own threads)",
+        e.processes,
+    )
     need(e.image or e.vector, "env.image", "and env.vector cannot both be false", e.image)
 
     need(

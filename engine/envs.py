@@ -3,13 +3,19 @@
 Every call returns a dict of arrays over all N environments. An episode's first observation has
 is_first=True and reward 0; once an observation has is_last=True, the next `step` returns the first
 observation of that environment's new episode and ignores the action given for it. Both backends
-(envpool and gymnasium's SyncVectorEnv with NEXT_STEP autoreset) behave this way natively.
+(envpool and gymnasium's vector envs with NEXT_STEP autoreset) behave this way natively.
+
+With the gymnasium backend, `processes=True` steps each environment in its own worker process
+(gymnasium's AsyncVectorEnv; frames are rendered and shrunk inside the workers, so only 64x64
+images cross the pipes): for machines with cores to spare, such as the GPU machine where envpool
+is not installed. The same seed gives the same observations either way.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import signal
 import warnings
 
 import numpy as np
@@ -34,10 +40,12 @@ def make_env(
     image_size: int | None = 64,
     use_vector: bool = True,
     max_episode_steps: int | None = None,
+    processes: bool = False,
 ) -> VecEnv:
     """Build `num_envs` copies of `task` on `backend`.
 
     `max_episode_steps` overrides the task's time limit (500 for CartPole, 1000 for LunarLander).
+    `processes` (gymnasium only) runs one worker process per environment.
     """
     if task not in TASKS:
         raise EnvError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -47,8 +55,15 @@ def make_env(
         raise EnvError(f"num_envs must be at least 1, got {num_envs}")
     if image_size is not None and image_size < 1:
         raise EnvError(f"image_size must be positive or None, got {image_size}")
-    cls = EnvpoolVecEnv if backend == "envpool" else GymnasiumVecEnv
-    return cls(task, num_envs, seed, image_size, use_vector, max_episode_steps)
+    if processes and backend != "gymnasium":
+        raise EnvError(
+            "env.processes needs the gymnasium backend (envpool steps its envs on its own threads)"
+        )
+    if backend == "envpool":
+        return EnvpoolVecEnv(task, num_envs, seed, image_size, use_vector, max_episode_steps)
+    return GymnasiumVecEnv(
+        task, num_envs, seed, image_size, use_vector, max_episode_steps, processes
+    )
 
 
 class VecEnv:
@@ -164,7 +179,9 @@ class EnvpoolVecEnv(VecEnv):
 
 
 class GymnasiumVecEnv(VecEnv):
-    def __init__(self, task, num_envs, seed, image_size, use_vector, max_episode_steps):
+    def __init__(
+        self, task, num_envs, seed, image_size, use_vector, max_episode_steps, processes=False
+    ):
         super().__init__(task, num_envs, image_size, use_vector)
         try:
             import gymnasium as gym
@@ -180,12 +197,22 @@ class GymnasiumVecEnv(VecEnv):
         kwargs = {"render_mode": "rgb_array"} if native_render else {}
         if max_episode_steps is not None:
             kwargs["max_episode_steps"] = max_episode_steps
-        make = functools.partial(gym.make, task, **kwargs)
+        self._processes = processes
         try:
-            # In-process on purpose: worker processes would compete with the learner for few cores.
-            self._env = gym.vector.SyncVectorEnv(
-                [make] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP
-            )
+            if processes:
+                make = functools.partial(_worker_env, task, kwargs)
+                # spawn, not fork: the parent holds torch's and envpool's threads.
+                self._env = gym.vector.AsyncVectorEnv(
+                    [make] * num_envs,
+                    context="spawn",
+                    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+                )
+            else:
+                # In-process by default: workers would compete with the learner for few cores.
+                self._env = gym.vector.SyncVectorEnv(
+                    [functools.partial(gym.make, task, **kwargs)] * num_envs,
+                    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+                )
         except gym.error.DependencyNotInstalled as e:
             raise EnvError(f"{task} needs Box2D: pip install 'gymnasium[box2d]'") from e
         self._seed = seed
@@ -201,9 +228,24 @@ class GymnasiumVecEnv(VecEnv):
         return obs, reward, terminated, truncated
 
     def _render_native(self) -> np.ndarray:
+        if self._processes:
+            return np.stack(self._env.call("render_small", self.image_size))
         # LunarLander renders 400x600; squash the whole frame to S x S (as envpool does) rather
         # than crop, because the lander may fly anywhere across the full width.
         return np.stack([_box_resize(f, self.image_size) for f in self._env.render()])
+
+
+def _worker_env(task: str, kwargs: dict):
+    """An environment built inside an AsyncVectorEnv worker: Ctrl-C is the parent's to handle
+    (it stops the workers through close()), and frames are shrunk before they cross the pipe."""
+    import gymnasium as gym
+
+    class SmallRender(gym.Wrapper):
+        def render_small(self, size: int) -> np.ndarray:
+            return _box_resize(self.env.render(), size)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return SmallRender(gym.make(task, **kwargs))
 
 
 def _box_resize(frame: np.ndarray, size: int) -> np.ndarray:

@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
             require_tensorboard()  # before the run directory is made
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
-        result = trainer.run()
+        try:
+            result = trainer.run()
+        finally:
+            trainer.close()
     except HealthError as e:
         fail(str(e), status=3)
     except (EnvError, TrainingError) as e:

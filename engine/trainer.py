@@ -93,9 +93,17 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
         e = cfg.env
-        self.env = make_env(e.name, e.backend, e.num_envs, seed, cfg.image_size, e.vector)
+        self.env = make_env(
+            e.name, e.backend, e.num_envs, seed, cfg.image_size, e.vector, processes=e.processes
+        )
         self.eval_env = make_env(
-            e.name, e.backend, cfg.log.eval_episodes, seed + 10_000, cfg.image_size, e.vector
+            e.name,
+            e.backend,
+            cfg.log.eval_episodes,
+            seed + 10_000,
+            cfg.image_size,
+            e.vector,
+            processes=e.processes,
         )
         self.opts, notices = fast.resolve(cfg.general, self.device)
         for line in notices:
@@ -160,6 +168,11 @@ class Trainer:
         )
 
     # ---- The loop -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the environments (worker processes with env.processes)."""
+        self.env.close()
+        self.eval_env.close()
 
     def run(self) -> dict:
         try:

@@ -68,6 +68,7 @@ def write(tmp_path, name, text):
         ("i.toml", "[models.rnn]\nn_blocks = 3\n", ["models.rnn.n_blocks", "divide"]),
         ("j.toml", "train = 3\n", ["'train' must be a table"]),
         ("k.toml", "[general]\ndevice = 'tpu'\n", ["general.device"]),
+        ("l.toml", "[env]\nprocesses = true\n", ["env.processes", "gymnasium"]),
     ],
 )
 def test_bad_configs_name_the_file_and_key(tmp_path, name, text, words):

@@ -191,6 +191,30 @@ def test_seeding(make, backend, task):
     assert len({tuple(v) for v in first[0]["vector"]}) == 3  # sub-envs are seeded differently
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_worker_processes_give_the_same_episodes(make, task):
+    # Short time limits put auto-resets inside the 40 steps; frames come from the workers.
+    n, actions = 3, np.random.default_rng(0).integers(0, 2, (40, 3))
+    inline = make(task, "gymnasium", n, seed=5, max_episode_steps=15)
+    workers = make(task, "gymnasium", n, seed=5, max_episode_steps=15, processes=True)
+    a, b = [inline.reset()], [workers.reset()]
+    for action in actions:
+        a.append(inline.step(action))
+        b.append(workers.step(action))
+    assert sum(o["is_last"].sum() for o in a) >= 2 * n
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    assert a[-1]["image"].std() > 0
+
+
+def test_worker_processes_need_gymnasium():
+    with pytest.raises(EnvError, match="gymnasium backend"):
+        make_env("CartPole-v1", "envpool", 2, seed=0, processes=True)
+
+
 @pytest.mark.parametrize(
     ("task", "backend", "num_envs", "named"),
     [
