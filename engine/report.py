@@ -1,6 +1,6 @@
 """Run reports: loss, evaluation and behaviour plots plus a text summary, from metrics.jsonl.
 
-`python -m engine.report RUN_DIR [RUN_DIR ...] [--out DIR] [--target 450]`
+`python -m engine.report RUN_DIR [RUN_DIR ...] [--out DIR] [--target R]`
 
 Several runs are overlaid in every plot (one colour per run, labelled by the run directory's
 name). matplotlib is imported only when plotting, so training never needs it. The report reads
@@ -19,12 +19,18 @@ import math
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The eval return each task counts as solved (the summary's "first eval >= R" and the dashed line
+# in eval.png) unless --target says otherwise; DEFAULT_TARGET for a run of unknown task.
+TASK_TARGETS = {"CartPole-v1": 450.0, "LunarLander-v3": 200.0}
+DEFAULT_TARGET = 450.0
 
 # (panel title, metric keys drawn in it). Keys after the first are drawn dashed/dotted.
 LOSS_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -80,6 +86,8 @@ class Run:
 
     path: Path
     label: str = ""
+    task: str = ""
+    """env.name from the run's config.toml ("" when it cannot be read)."""
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     episodes: list[dict[str, Any]] = field(default_factory=list)
@@ -90,6 +98,12 @@ class Run:
     @property
     def empty(self) -> bool:
         return not (self.train or self.evals or self.episodes)
+
+    def target(self, override: float | None = None) -> float:
+        """The eval return that counts as solved: `override`, else the task's own."""
+        if override is not None:
+            return override
+        return TASK_TARGETS.get(self.task, DEFAULT_TARGET)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,6 +122,16 @@ def num(value: Any) -> float:
     return math.nan
 
 
+def _task_of(path: Path) -> str:
+    """env.name from RUN_DIR/config.toml, "" if there is none or it cannot be read."""
+    try:
+        with open(path / "config.toml", "rb") as f:
+            name = tomllib.load(f).get("env", {}).get("name", "")
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return ""
+    return name if isinstance(name, str) else ""
+
+
 def load_run(path: str | Path) -> Run:
     """Read RUN_DIR/metrics.jsonl. Unreadable lines are skipped and counted in `notes`; a
     missing directory or file raises ReportError."""
@@ -117,7 +141,7 @@ def load_run(path: str | Path) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise ReportError(f"{path}: not a run directory (no metrics.jsonl)")
-    run = Run(path, path.resolve().name)
+    run = Run(path, path.resolve().name, task=_task_of(path))
     bad = []
     try:
         text = metrics.read_text(errors="replace")
@@ -187,8 +211,9 @@ def _last(records: Sequence[dict[str, Any]], key: str) -> float:
     return math.nan
 
 
-def summarize(run: Run, target: float = 450.0) -> str:
-    """The run's numbers as a few indented lines."""
+def summarize(run: Run, target: float | None = None) -> str:
+    """The run's numbers as a few indented lines; `target` overrides the task's solved return."""
+    target = run.target(target)
     recs = run.train + run.evals + run.episodes
     steps = max((num(r.get("step")) for r in recs), default=math.nan)
     env_steps = max((num(r.get("env_steps")) for r in recs), default=math.nan)
@@ -339,9 +364,10 @@ def _run_legend(fig: Any, runs: Sequence[Run]) -> None:
     )
 
 
-def plot_eval(runs: Sequence[Run], path: Path) -> bool:
+def plot_eval(runs: Sequence[Run], path: Path, target: float | None = None) -> bool:
     """Eval return against env steps and against wall time, mean line with the per-eval std
-    band, the training episodes' returns faint behind. False when no run has either."""
+    band, the training episodes' returns faint behind, each run's target return dashed. False
+    when no run has either."""
     Figure, canvas = _figure_api()
     if not any(r.evals or r.episodes for r in runs):
         return False
@@ -380,6 +406,20 @@ def plot_eval(runs: Sequence[Run], path: Path) -> bool:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("return")
         ax.grid(alpha=0.3)
+        for goal in sorted({r.target(target) for r in runs}):
+            lo, hi = ax.get_ylim()  # keep the line in view when the runs are far below it
+            pad = 0.05 * (max(hi, goal) - min(lo, goal))
+            ax.set_ylim(min(lo, goal - pad), max(hi, goal + pad))
+            ax.axhline(goal, color="0.35", ls="--", lw=1, zorder=0)
+            ax.annotate(
+                f"target {goal:g}",
+                (0.005, goal),
+                xycoords=("axes fraction", "data"),
+                xytext=(0, 3),
+                textcoords="offset points",
+                fontsize=8,
+                color="0.35",
+            )
     ax_env.set_title("eval return (line, ±std band) and training episodes (dots) vs env steps")
     ax_wall.set_title("the same vs wall time")
     _run_legend(fig, runs)
@@ -409,13 +449,16 @@ def label_runs(runs: Sequence[Run]) -> None:
         run.label = name if names.count(name) == 1 else str(run.path)
 
 
-def write_report(runs: Sequence[Run], out: Path, target: float = 450.0) -> tuple[list[Path], str]:
-    """Plots and summary.txt into `out`. Returns the files written and the summary text."""
+def write_report(
+    runs: Sequence[Run], out: Path, target: float | None = None
+) -> tuple[list[Path], str]:
+    """Plots and summary.txt into `out`. Returns the files written and the summary text.
+    `target` overrides each run's task target (TASK_TARGETS)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, draw in (
         ("losses.png", lambda p: _panel_plot(runs, LOSS_PANELS, "world model and losses", p)),
-        ("eval.png", lambda p: plot_eval(runs, p)),
+        ("eval.png", lambda p: plot_eval(runs, p, target)),
         ("behavior.png", lambda p: _panel_plot(runs, BEHAVIOR_PANELS, "behaviour", p)),
     ):
         if draw(out / name):
@@ -440,8 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--target",
         type=float,
-        default=450.0,
-        help="eval return whose first crossing the summary reports (default 450)",
+        default=None,
+        help="eval return counted as solved: the summary reports its first crossing and eval.png "
+        "draws it (default: by the run's env.name, CartPole-v1 450, LunarLander-v3 200)",
     )
     return p.parse_args(argv)
 

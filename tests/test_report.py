@@ -252,3 +252,42 @@ def test_report_of_a_real_tiny_run(tmp_path):
     # The trainer's field names reach the summary.
     for key in ("image_loss", "reward_loss_excess", "kl_dyn", "critic_loss", "actor_entropy"):
         assert f"{key} " in text, key
+
+
+def test_target_follows_the_task_unless_given(tmp_path, capsys):
+    lunar = write_metrics(tmp_path / "lunar", synthetic(reach_at=None))
+    (lunar / "config.toml").write_text('[env]\nname = "LunarLander-v3"\n')
+    plain = write_metrics(tmp_path / "plain", synthetic(reach_at=None))  # no config.toml
+    (tmp_path / "bad").mkdir()
+    bad = write_metrics(tmp_path / "bad", synthetic(reach_at=None))
+    (bad / "config.toml").write_text("[env\n")  # unreadable: falls back like a missing one
+    code, stdout, _ = run_main([lunar, plain, bad, "--out", tmp_path / "o"], capsys)
+    assert code == 0
+    assert "first eval >= 200: 200.0 at env step 500" in stdout
+    assert stdout.count("first eval >= 450: never") == 2
+    code, stdout, _ = run_main([lunar, "--target", "300", "--out", tmp_path / "o2"], capsys)
+    assert "first eval >= 300: 320.0 at env step 800" in stdout
+
+
+def _dashed_gray_rows(png: Path) -> int:
+    """Rows of eval.png where much of the width is the target line's mid gray (0.35 = 89,
+    lighter where antialiased); black spines and the light grid do not count."""
+    img = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    neutral = img.max(-1) - img.min(-1) <= 6
+    gray = neutral & (img.mean(-1) >= 60) & (img.mean(-1) <= 200)
+    return int((gray.sum(1) > 0.4 * img.shape[1]).sum())  # text rows reach ~0.2
+
+
+def test_eval_plot_draws_the_target_line(tmp_path, capsys, monkeypatch):
+    a = write_metrics(tmp_path / "a", synthetic(reach_at=None))  # evals 40..400
+    assert run_main([a, "--out", tmp_path / "with"], capsys)[0] == 0
+    assert _dashed_gray_rows(tmp_path / "with" / "eval.png") >= 1
+    # A target far above every return is still drawn (the axis grows to show it).
+    assert run_main([a, "--target", "5000", "--out", tmp_path / "far"], capsys)[0] == 0
+    assert _dashed_gray_rows(tmp_path / "far" / "eval.png") >= 1
+    # Control: the same plot with axhline disabled has no such row.
+    import matplotlib.axes
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda *args, **kwargs: None)
+    assert run_main([a, "--out", tmp_path / "none"], capsys)[0] == 0
+    assert _dashed_gray_rows(tmp_path / "none" / "eval.png") == 0
