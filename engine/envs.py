@@ -197,10 +197,9 @@ class GymnasiumVecEnv(VecEnv):
         kwargs = {"render_mode": "rgb_array"} if native_render else {}
         if max_episode_steps is not None:
             kwargs["max_episode_steps"] = max_episode_steps
-        self._processes = processes
+        make = functools.partial(_make_small_render_env, task, kwargs, processes)
         try:
             if processes:
-                make = functools.partial(_worker_env, task, kwargs)
                 # spawn, not fork: the parent holds torch's and envpool's threads.
                 self._env = gym.vector.AsyncVectorEnv(
                     [make] * num_envs,
@@ -210,8 +209,7 @@ class GymnasiumVecEnv(VecEnv):
             else:
                 # In-process by default: workers would compete with the learner for few cores.
                 self._env = gym.vector.SyncVectorEnv(
-                    [functools.partial(gym.make, task, **kwargs)] * num_envs,
-                    autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP,
+                    [make] * num_envs, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP
                 )
         except gym.error.DependencyNotInstalled as e:
             raise EnvError(f"{task} needs Box2D: pip install 'gymnasium[box2d]'") from e
@@ -228,23 +226,23 @@ class GymnasiumVecEnv(VecEnv):
         return obs, reward, terminated, truncated
 
     def _render_native(self) -> np.ndarray:
-        if self._processes:
-            return np.stack(self._env.call("render_small", self.image_size))
-        # LunarLander renders 400x600; squash the whole frame to S x S (as envpool does) rather
-        # than crop, because the lander may fly anywhere across the full width.
-        return np.stack([_box_resize(f, self.image_size) for f in self._env.render()])
+        return np.stack(self._env.call("render_small", self.image_size))
 
 
-def _worker_env(task: str, kwargs: dict):
-    """An environment built inside an AsyncVectorEnv worker: Ctrl-C is the parent's to handle
-    (it stops the workers through close()), and frames are shrunk before they cross the pipe."""
+def _make_small_render_env(task: str, kwargs: dict, in_worker: bool):
+    """One gymnasium env whose `render_small(S)` gives its frame shrunk to S x S: in a worker
+    process that happens there, so only small frames cross the pipe. LunarLander renders
+    400x600; the whole frame is squashed to S x S (as envpool does) rather than cropped, because
+    the lander may fly anywhere across the full width. A worker leaves Ctrl-C to the parent,
+    which stops the workers through close()."""
     import gymnasium as gym
 
     class SmallRender(gym.Wrapper):
         def render_small(self, size: int) -> np.ndarray:
             return _box_resize(self.env.render(), size)
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if in_worker:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return SmallRender(gym.make(task, **kwargs))
 
 

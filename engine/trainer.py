@@ -3,6 +3,7 @@ environment steps, evaluate, log and checkpoint. The agent math lives in agent.p
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import random
@@ -93,18 +94,16 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
         e = cfg.env
-        self.env = make_env(
-            e.name, e.backend, e.num_envs, seed, cfg.image_size, e.vector, processes=e.processes
-        )
-        self.eval_env = make_env(
+        envs = functools.partial(
+            make_env,
             e.name,
             e.backend,
-            cfg.log.eval_episodes,
-            seed + 10_000,
-            cfg.image_size,
-            e.vector,
+            image_size=cfg.image_size,
+            use_vector=e.vector,
             processes=e.processes,
         )
+        self.env = envs(e.num_envs, seed)
+        self.eval_env = envs(cfg.log.eval_episodes, seed + 10_000)
         self.opts, notices = fast.resolve(cfg.general, self.device)
         for line in notices:
             self.progress.write(line)
