@@ -2,7 +2,8 @@
 # Downloads, into .whl/ (git-ignored), the py3.12 x86-64 wheels that the H200 test machine lacks
 # for benchmarks/gpu_check.sh and benchmarks/gpu_lunarlander.sh: the gymnasium backend with Box2D
 # and pygame (LunarLander frames), tomli-w (run configs) and nvtx (named ranges). About 21 MB;
-# the device tool carries at most 64 MiB. Run here, then pass carry=[".whl"] to the device run.
+# the device tool carries at most 64 MiB. Run here, then pass carry=[".whl"] to the device run,
+# where benchmarks/use_gpu_wheels.sh installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

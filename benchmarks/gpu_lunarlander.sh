@@ -21,10 +21,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/run.log") 2>&1
 start=$(date +%s)
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+source benchmarks/use_gpu_wheels.sh
 py=python3
 $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 git rev-parse --short HEAD 2>/dev/null || true

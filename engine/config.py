@@ -303,6 +303,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def add_set_option(parser: Any, help: str) -> None:
+    """`--set KEY=VALUE` (repeatable, into args.overrides) of the commands that apply overrides."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> None:
     """`train.batch_size=16`: the value is parsed as TOML (bare words count as strings)."""
     for item in overrides:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, add_set_option, load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,14 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="continue the run in DIR from its latest checkpoint (its config.toml, plus any --set)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.batch_size=16 (repeatable)",
-    )
+    add_set_option(p, "override a config key, e.g. --set train.batch_size=16 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default runs/<MM-DD_HHMM>_<config name>)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides general.device")
     p.add_argument(

@@ -39,7 +39,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from engine.config import Config, ConfigError, apply_overrides, load_config, to_dict
+from engine.config import (
+    Config,
+    ConfigError,
+    add_set_option,
+    apply_overrides,
+    load_config,
+    to_dict,
+)
 from engine.report import SUMMARY_LOSSES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -742,14 +749,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--max-steps", type=int, help="train.max_train_steps of every run")
     p.add_argument("--out", help="sweep directory (default sweeps/<config stem>_<date-time>)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a fixed override for every run (repeatable)",
-    )
+    add_set_option(p, "a fixed override for every run (repeatable)")
     return p.parse_args(argv)
 
 
