@@ -147,6 +147,7 @@ class Trainer:
         self.uploader = ObsUploader(self.device)
         self._env_thread: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._started: float | None = None  # perf_counter() when this segment began training
         self.lrs = effective_lrs(cfg.train)
         self._entropy_coef = actor_entropy_coef_at(cfg.train, c["step"])
         self.agent.set_entropy_coef(self._entropy_coef)
@@ -221,7 +222,7 @@ class Trainer:
                     eval=f"{self.last_eval:.0f}",
                 )
         except KeyboardInterrupt:
-            c["wall_time"] += time.perf_counter() - start
+            self._end_segment()
             self._checkpoint("latest")
             self.progress.close()
             raise
@@ -237,7 +238,7 @@ class Trainer:
                     signal.signal(signal.SIGTERM, previous)
                 except ValueError:
                     pass
-        c["wall_time"] += time.perf_counter() - start
+        self._end_segment()
         self.window.stop()
         self._log_train()
         size = self._checkpoint("latest")
@@ -271,6 +272,17 @@ class Trainer:
             self._obs = self.env.step(action)
         else:
             self._pending = self._env_thread.submit(self.env.step, action)
+
+    def _wall_time(self, now: float | None = None) -> float:
+        """Training seconds so far: the earlier segments (before a resume) plus this one."""
+        if self._started is None:
+            return self.counters["wall_time"]
+        now = time.perf_counter() if now is None else now
+        return self.counters["wall_time"] + now - self._started
+
+    def _end_segment(self) -> None:
+        self.counters["wall_time"] = self._wall_time()
+        self._started = None
 
     def _done(self) -> bool:
         c, t = self.counters, self.cfg.train
@@ -359,7 +371,7 @@ class Trainer:
         self._interval = (now, c["step"], c["env_steps"])
         record = self._fields(
             "train",
-            wall_time=c["wall_time"] + now - self._started,
+            wall_time=self._wall_time(now),
             **{k: None for k in BEHAVIOR_KEYS},
         )
         record.update(means)
@@ -516,7 +528,9 @@ class Trainer:
         payload = dict(
             agent=self.agent.state_dict(),
             optim={k: o.state_dict() for k, o in self.agent.optimizers().items()},
-            counters=dict(self.counters),
+            # Periodic checkpoints too carry this segment's time: a run resumed from one
+            # continues the wall-time axis instead of jumping back to the segment's start.
+            counters=dict(self.counters, wall_time=self._wall_time()),
             rng=checkpoint.rng_state(),
             config=to_dict(self.cfg),
         )

@@ -171,13 +171,20 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = torch.load(ckpt, weights_only=False)["counters"]["step"]
+    counters = torch.load(ckpt, weights_only=False)["counters"]
+    saved = counters["step"]
     assert saved >= 10 and saved % 10 == 0
     assert max(_train_steps_list(rd)) > saved  # lines past the checkpoint were logged, then lost
+    # A periodic checkpoint carries the time trained so far (the line at its step is logged
+    # just before it is written), so the resumed run's time axis goes on from there.
+    logged = {r["step"]: r["wall_time"] for r in records(rd) if r["type"] == "train"}
+    assert counters["wall_time"] >= logged[saved] > 0
     out = run("--resume", str(rd), "--set", f"train.max_train_steps={saved + 6}")
     assert out.returncode == 0, out.stderr
     steps = _train_steps_list(rd)
     assert steps == sorted(set(steps)) and steps[-1] == saved + 6  # no step logged twice
+    walls = [r["wall_time"] for r in records(rd) if r["type"] == "train"]
+    assert walls == sorted(walls) and walls[-1] > counters["wall_time"]
 
 
 def _train_steps_list(rd):
