@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import pickle
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -295,42 +294,15 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--steps ({args.steps}) must exceed --context ({args.context}): nothing to imagine")
     if args.scale < 1 or args.fps < 1:
         fail(f"--scale and --fps must be >= 1, got {args.scale}, {args.fps}")
-    from engine.config import ConfigError, from_dict, load_config
+    from engine.envs import EnvError, make_env
+    from engine.evaluate import RunError, load_run
 
     run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        fail(f"{run_dir}: no such run directory")
-    ckpts = run_dir / "checkpoints"
-    names = [args.checkpoint] if args.checkpoint else ["best", "latest"]
-    found = [ckpts / f"{n}.pt" for n in names if (ckpts / f"{n}.pt").is_file()]
-    if not found:
-        fail(f"{ckpts}: no {' or '.join(n + '.pt' for n in names)}")
-    path = found[0]
-
-    # Here, not at the top: the trainer imports this module (open_loop at evaluation).
-    from engine import checkpoint
-    from engine.agent import Agent
-    from engine.envs import EnvError, make_env
-    from engine.trainer import resolve_device
-
     try:
-        # On the CPU: load_state_dict copies onto the agent's device, whichever that is.
-        state = checkpoint.load(path, torch.device("cpu"))
-        if not isinstance(state, dict) or "agent" not in state:
-            fail(f"{path}: not a checkpoint of this engine (no agent state)")
-        if (run_dir / "config.toml").is_file():
-            cfg = load_config(run_dir / "config.toml")
-        else:
-            cfg = from_dict(state["config"], str(path))
-    except ConfigError as err:
+        run = load_run(run_dir, args.checkpoint, args.device)
+    except RunError as err:
         fail(str(err))
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as err:
-        fail(f"{path}: cannot read the checkpoint: {str(err).strip().splitlines()[0]}")
-    device, notice = resolve_device(args.device or cfg.general.device)
-    if notice:
-        print(notice, file=sys.stderr)
-    if cfg.general.threads:
-        torch.set_num_threads(cfg.general.threads)
+    cfg, agent, path = run.cfg, run.agent, run.path
     if not cfg.env.image:
         fail(f"{run_dir}: the run has env.image = false: there are no frames to dream")
     seed = cfg.general.seed + 20_000 if args.seed is None else args.seed
@@ -341,15 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     except EnvError as err:
         fail(str(err))
     try:
-        # Eager fp32 on the plain torch kernels: the parameters are the same on every path.
-        agent = Agent(cfg, env.vector_dim, env.num_actions, device)
-        try:
-            agent.load_state_dict(state["agent"])
-        except (RuntimeError, KeyError) as err:
-            first = str(err).strip().splitlines()[0]
-            fail(f"{path}: does not match {run_dir / 'config.toml'}: {first}")
-        agent.eval()
-        obs, actions = play_episode(agent, env, args.steps, device)
+        obs, actions = play_episode(agent, env, args.steps, run.device)
     finally:
         env.close()
     T = len(actions)
@@ -361,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     tensors = {k: torch.from_numpy(v) for k, v in obs.items()}
     pred = open_loop(agent, tensors, torch.from_numpy(actions), args.context).numpy()
-    step = int(state.get("counters", {}).get("step", 0))
+    step = run.step
     out = Path(args.out) if args.out else run_dir / "dreams" / f"dream_{step}.gif"
     try:
         write_gif(out, obs["image"], pred, args.scale, args.fps, context=args.context)

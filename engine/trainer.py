@@ -28,6 +28,7 @@ from engine.config import (
     to_dict,
 )
 from engine.envs import make_env
+from engine.evaluate import play_episodes
 from engine.logger import MetricsLog, Progress, truncate_metrics
 from engine.nvtx import ProfileWindow, nvtx_range
 from engine.replay import Replay, transition_spec
@@ -437,29 +438,16 @@ class Trainer:
             return self._evaluate()
 
     def _evaluate(self) -> float:
-        env, c = self.eval_env, self.counters
+        c = self.counters
         greedy = self.cfg.log.eval_policy == "mode"
-        obs = env.reset()
-        carry = self.agent.initial_carry(env.num_envs, self.device)
-        returns = np.zeros(env.num_envs)
-        lengths = np.zeros(env.num_envs, dtype=np.int64)
-        done = np.zeros(env.num_envs, dtype=bool)
         # The first eval env's (obs_t, action_t) pairs, as the replay stores them, for a dream:
         # its first episode up to and including the is_last observation, at most dream_steps.
         frames: list[dict[str, np.ndarray]] | None = [] if self.dreams else None
         actions: list[int] = []
-        recording = self.dreams
-        while not done.all():
-            action, carry = self.agent.policy(self._to_device(obs), carry, greedy)
-            action = action.cpu().numpy()
-            if recording:
-                recording = self._record_frame(frames, actions, obs, int(action[0]))
-            obs = env.step(action)
-            returns += np.where(done, 0.0, obs["reward"])
-            lengths += ~done
-            done |= obs["is_last"]
-        if recording:  # env 0 ended on the last step: its final frame (no action is executed)
-            self._record_frame(frames, actions, obs, 0)
+        record = None
+        if frames is not None:
+            record = functools.partial(self._record_frame, frames, actions)
+        returns, lengths = play_episodes(self.agent, self.eval_env, self._to_device, greedy, record)
         self.last_eval = float(returns.mean())
         self._record(
             "eval",
@@ -470,7 +458,7 @@ class Trainer:
         )
         self.progress.write(
             f"step {c['step']} env_steps {c['env_steps']}: "
-            f"eval return {self.last_eval:.1f} over {env.num_envs} episodes"
+            f"eval return {self.last_eval:.1f} over {len(returns)} episodes"
         )
         if self.last_eval > c["best_eval"]:
             c["best_eval"] = self.last_eval

@@ -1,9 +1,7 @@
 """engine.dream: open-loop prediction, the GIF, and the command line on a real tiny run."""
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from PIL import Image
 from engine import dream
 from engine.agent import Agent
 from engine.config import load_config
+from tests.helpers import run_module, tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 T, CONTEXT = 12, 5
@@ -201,24 +200,13 @@ def test_gif_rejects_bad_input(tmp_path):
 # ---- The command line ------------------------------------------------------------------------
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return run_module(module, *args)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("dream") / "tiny"
-    done = cli("engine.run", "--config", "configs/tiny.toml", "--run-dir", str(path))
-    assert done.returncode == 0, done.stderr
-    return path
+    return tiny_run(tmp_path_factory.mktemp("dream") / "tiny")
 
 
 @pytest.mark.slow

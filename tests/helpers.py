@@ -1,0 +1,28 @@
+"""Shared by the tests that drive the real command lines."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root, output captured as text."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tiny_run(run_dir: Path) -> Path:
+    """Trains configs/tiny.toml into run_dir (12 updates, a few seconds) and returns run_dir."""
+    done = run_module("engine.run", "--config", "configs/tiny.toml", "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    return run_dir
