@@ -294,28 +294,21 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--steps ({args.steps}) must exceed --context ({args.context}): nothing to imagine")
     if args.scale < 1 or args.fps < 1:
         fail(f"--scale and --fps must be >= 1, got {args.scale}, {args.fps}")
-    from engine.envs import EnvError, make_env
     from engine.evaluate import RunError, load_run
 
     run_dir = Path(args.run_dir)
     try:
-        run = load_run(run_dir, args.checkpoint, args.device)
+        run = load_run(run_dir, args.checkpoint, args.device, 1, args.seed, 20_000)
     except RunError as err:
         fail(str(err))
     cfg, agent, path = run.cfg, run.agent, run.path
-    if not cfg.env.image:
-        fail(f"{run_dir}: the run has env.image = false: there are no frames to dream")
-    seed = cfg.general.seed + 20_000 if args.seed is None else args.seed
-    torch.manual_seed(seed)  # the policy's latent samples: the same command, the same episode
-    e = cfg.env
     try:
-        env = make_env(e.name, e.backend, 1, seed, cfg.image_size, e.vector)
-    except EnvError as err:
-        fail(str(err))
-    try:
-        obs, actions = play_episode(agent, env, args.steps, run.device)
+        if not cfg.env.image:
+            fail(f"{run_dir}: the run has env.image = false: there are no frames to dream")
+        torch.manual_seed(run.seed)  # the policy's latent samples: same command, same episode
+        obs, actions = play_episode(agent, run.env, args.steps, run.device)
     finally:
-        env.close()
+        run.env.close()
     T = len(actions)
     if T < args.context + 1:
         fail(

@@ -88,12 +88,24 @@ class LoadedRun:
     path: Path  # the checkpoint file
     step: int  # the update it was saved at
     device: torch.device
+    env: Any  # the envs to play in (the caller closes them)
+    seed: int  # their seed
 
 
-def load_run(run_dir: Path, which: str | None = None, device_pref: str | None = None) -> LoadedRun:
+def load_run(
+    run_dir: Path,
+    which: str | None,
+    device_pref: str | None,
+    num_envs: int,
+    seed: int | None,
+    seed_offset: int,
+    processes: bool = False,
+) -> LoadedRun:
     """The agent of `run_dir`'s checkpoint `which` ("best" or "latest"; default best.pt, else
     latest.pt), in eval mode, eager fp32 on the plain torch kernels (the parameters are the same
-    on every path). Prints the device notice, if any; raises RunError with a one-line message."""
+    on every path), and `num_envs` envs of the run's task to play in, seeded `seed` (default
+    general.seed + seed_offset); worker processes if `processes` and the run used them. Prints
+    the device notice, if any; raises RunError with a one-line message."""
     from engine import checkpoint
     from engine.agent import Agent
     from engine.config import ConfigError, from_dict, load_config
@@ -128,21 +140,29 @@ def load_run(run_dir: Path, which: str | None = None, device_pref: str | None = 
     if cfg.general.threads:
         torch.set_num_threads(cfg.general.threads)
     e = cfg.env
-    try:  # one env, only for the sizes the agent is built with
-        probe = make_env(e.name, e.backend, 1, cfg.general.seed, cfg.image_size, e.vector)
+    seed = cfg.general.seed + seed_offset if seed is None else seed
+    try:
+        env = make_env(
+            e.name,
+            e.backend,
+            num_envs,
+            seed,
+            cfg.image_size,
+            e.vector,
+            processes=processes and e.processes,
+        )
     except EnvError as err:
         raise RunError(str(err)) from None
-    vector_dim, num_actions = probe.vector_dim, probe.num_actions
-    probe.close()
-    agent = Agent(cfg, vector_dim, num_actions, device)
+    agent = Agent(cfg, env.vector_dim, env.num_actions, device)
     try:
         agent.load_state_dict(state["agent"])
     except (RuntimeError, KeyError) as err:
+        env.close()
         first = str(err).strip().splitlines()[0]
         raise RunError(f"{path}: does not match {run_dir / 'config.toml'}: {first}") from None
     agent.eval()
     step = int(state.get("counters", {}).get("step", 0))
-    return LoadedRun(cfg, agent, path, step, device)
+    return LoadedRun(cfg, agent, path, step, device, env, seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,29 +219,28 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--episodes must be >= 1, got {args.episodes}")
     if args.target is not None and not math.isfinite(args.target):
         fail(f"--target must be a finite number, got {args.target}")
-    from engine.envs import EnvError, make_env
     from engine.report import DEFAULT_TARGET, TASK_TARGETS
     from engine.transfer import ObsUploader
 
-    run_dir = Path(args.run_dir)
     try:
-        run = load_run(run_dir, args.checkpoint, args.device)
+        run = load_run(
+            Path(args.run_dir),
+            args.checkpoint,
+            args.device,
+            args.episodes,
+            args.seed,
+            EVAL_SEED_OFFSET,
+            processes=True,
+        )
     except RunError as err:
         fail(str(err))
-    cfg, e = run.cfg, run.cfg.env
-    seed = cfg.general.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
+    cfg, e, seed = run.cfg, run.cfg.env, run.seed
     torch.manual_seed(seed)  # sampled latents and actions: the same command, the same figures
     try:
-        env = make_env(
-            e.name, e.backend, args.episodes, seed, cfg.image_size, e.vector, processes=e.processes
-        )
-    except EnvError as err:
-        fail(str(err))
-    try:
         greedy = (args.policy or cfg.log.eval_policy) == "mode"
-        returns, lengths = play_episodes(run.agent, env, ObsUploader(run.device), greedy)
+        returns, lengths = play_episodes(run.agent, run.env, ObsUploader(run.device), greedy)
     finally:
-        env.close()
+        run.env.close()
     target = args.target if args.target is not None else TASK_TARGETS.get(e.name, DEFAULT_TARGET)
     s = summary(returns, lengths, target)
     policy = "greedy" if greedy else "sampled"

@@ -58,17 +58,17 @@ def test_summary_figures():
 
 def test_load_run_errors(tmp_path):
     with pytest.raises(RunError, match="no such run directory"):
-        load_run(tmp_path / "nope")
+        load_run(tmp_path / "nope", None, None, 1, None, 0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunError, match="no best.pt or latest.pt"):
-        load_run(tmp_path / "empty")
+        load_run(tmp_path / "empty", None, None, 1, None, 0)
     bad = tmp_path / "bad" / "checkpoints"
     bad.mkdir(parents=True)
     (bad / "latest.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RunError, match="cannot read the checkpoint"):
-        load_run(tmp_path / "bad")
+        load_run(tmp_path / "bad", None, None, 1, None, 0)
     with pytest.raises(RunError, match="no best.pt"):
-        load_run(tmp_path / "bad", "best")
+        load_run(tmp_path / "bad", "best", None, 1, None, 0)
 
 
 @pytest.mark.slow
