@@ -236,6 +236,9 @@ class LogConfig:
     """mode (greedy action) | sample."""
     checkpoint_every: int = 1000
     """Learner updates between checkpoints (latest is always written at the end)."""
+    checkpoint_replay: bool = False
+    """Also write the replay buffer (checkpoints/replay.pt) with every latest checkpoint, so
+    --resume continues with the same data instead of refilling bootstrap_steps."""
     progress: bool = True
     """Progress bar on the terminal (never when stderr is not a TTY)."""
     tensorboard: bool = False

@@ -56,6 +56,35 @@ class Replay:
         self.count += 1
         self._count.add_(1)
 
+    def state_dict(self) -> dict:
+        """The rows written so far, in place (the ring order is kept), and the write count."""
+        held = min(self.count, self.slots)
+        # A slice of a partly filled buffer is copied: saving a view would write the whole
+        # preallocated storage.
+        data = {
+            k: v.cpu() if held == self.slots else v[:held].cpu().clone()
+            for k, v in self.data.items()
+        }
+        return dict(count=self.count, slots=self.slots, num_envs=self.num_envs, data=data)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict saved; ValueError names the first thing that does not fit
+        this buffer (capacity, number of envs, a field's shape or dtype)."""
+        for key in ("slots", "num_envs"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"{key} {state[key]} != {getattr(self, key)}")
+        if set(state["data"]) != set(self.data):
+            raise ValueError(f"fields {sorted(state['data'])} != {sorted(self.data)}")
+        held = min(state["count"], self.slots)
+        for k, v in state["data"].items():
+            buf = self.data[k]
+            if v.shape != (held, *buf.shape[1:]) or v.dtype != buf.dtype:
+                raise ValueError(f"{k}: {tuple(v.shape)} {v.dtype} does not fit {tuple(buf.shape)}")
+        for k, v in state["data"].items():
+            self.data[k][:held].copy_(v)
+        self.count = state["count"]
+        self._count.fill_(self.count)
+
     def can_sample(self, length: int) -> bool:
         return min(self.count, self.slots) >= length
 

@@ -132,12 +132,16 @@ class Trainer:
         else:
             save_toml(cfg, run_dir / "config.toml")
         # Training (re)starts once the replay holds bootstrap_steps: random-policy data on a fresh
-        # run; on resume it is refilled with the loaded policy (replay is not checkpointed).
+        # run; on resume it is refilled with the loaded policy, unless the checkpointed replay
+        # (log.checkpoint_replay) was restored.
         c = self.counters
+        restored = resume and self._restore_replay()
         self.random_policy = c["step"] == 0
         fill = min(cfg.train.bootstrap_steps, cfg.train.replay_buffer_size)
-        self.train_from = c["env_steps"] + fill
-        self.episodes_at_start = c["episodes"]
+        # A restored replay holds every env step so far (up to its capacity): a run stopped
+        # during its random bootstrap only completes it.
+        self.train_from = max(c["env_steps"], fill) if restored else c["env_steps"] + fill
+        self.episodes_at_start = 0 if restored else c["episodes"]  # for min_buffer_episodes
         self.log = MetricsLog(run_dir / "metrics.jsonl")
         self.rng = np.random.default_rng(seed + c["env_steps"])
         self._acc: dict[str, tuple[Tensor, int]] = {}
@@ -513,6 +517,11 @@ class Trainer:
         params = [p.detach() for p in self.agent.parameters()]
         if not torch.stack([p.isfinite().all() for p in params]).all():
             self._stop_unhealthy("non-finite parameters", {})
+        if name == "latest" and self.cfg.log.checkpoint_replay:
+            # Written first: a run killed between the two files leaves a replay.pt whose step
+            # differs from latest.pt's, which a resume detects and refills instead.
+            replay = dict(step=self.counters["step"], **self.replay.state_dict())
+            checkpoint.save(self.ckpt_dir / "replay.pt", replay)
         payload = dict(
             agent=self.agent.state_dict(),
             optim={k: o.state_dict() for k, o in self.agent.optimizers().items()},
@@ -549,6 +558,32 @@ class Trainer:
             f"resumed {path} at step {self.counters['step']}, env steps "
             f"{self.counters['env_steps']} ({dropped} later metric lines dropped)"
         )
+
+    def _restore_replay(self) -> bool:
+        """Loads checkpoints/replay.pt into the replay when log.checkpoint_replay is on and the
+        file was written with the checkpoint just loaded; otherwise says why it refills."""
+        if not self.cfg.log.checkpoint_replay:
+            return False
+        path, step = self.ckpt_dir / "replay.pt", self.counters["step"]
+        why = None
+        if not path.is_file():
+            why = f"no {path.name} beside the checkpoint"
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                if state["step"] != step:
+                    why = f"{path.name} holds update {state['step']}, the checkpoint {step}"
+                else:
+                    self.replay.load_state_dict(state)
+            except ValueError as e:
+                why = f"{path.name} does not fit this replay ({e})"
+            except Exception as e:  # unreadable or not ours: the checkpoint itself is fine
+                why = f"{path.name} unreadable ({type(e).__name__})"
+        if why is not None:
+            self.progress.write(f"notice: {why}: refilling the replay")
+            return False
+        self.progress.write(f"restored the replay: {len(self.replay):,} env steps from {path}")
+        return True
 
     def param_summary(self) -> str:
         a = self.agent

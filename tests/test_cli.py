@@ -233,3 +233,43 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     assert run("--config", "configs/tiny.toml", "--run-dir", str(rd)).returncode == 0
     out = run("--config", "configs/tiny.toml", "--run-dir", str(rd))
     assert out.returncode == 2 and "--resume" in out.stderr
+
+
+def test_resume_with_the_checkpointed_replay_continues_without_refilling(tmp_path):
+    # tiny: 4 envs, 1 env step per update, bootstrap_steps 64; 12 updates then 8 more.
+    rd, plain = tmp_path / "r", tmp_path / "plain"
+    for d in (rd, plain):
+        out = run("--config", "configs/tiny.toml", "--run-dir", str(d), "--set",
+                  f"log.checkpoint_replay={'true' if d == rd else 'false'}")
+        assert out.returncode == 0, out.stderr
+    assert not (plain / "checkpoints" / "replay.pt").exists()
+    saved = torch.load(rd / "checkpoints" / "replay.pt", weights_only=True)
+    env_steps = torch.load(rd / "checkpoints" / "latest.pt", weights_only=False)["counters"][
+        "env_steps"
+    ]
+    assert saved["step"] == 12 and saved["count"] * 4 == env_steps
+    assert saved["data"]["is_first"][0].all()  # row 0: the first step of every env
+
+    kept = tmp_path / "replay_at_12.pt"
+    kept.write_bytes((rd / "checkpoints" / "replay.pt").read_bytes())
+    out = run("--resume", str(rd), "--set", "train.max_train_steps=20")
+    assert out.returncode == 0, out.stderr
+    assert f"restored the replay: {env_steps:,} env steps" in out.stderr
+    after = torch.load(rd / "checkpoints" / "latest.pt", weights_only=False)["counters"]
+    assert after["step"] == 20 and after["env_steps"] - env_steps < 64  # no refill
+    assert torch.load(rd / "checkpoints" / "replay.pt", weights_only=True)["step"] == 20
+
+    out = run("--resume", str(plain), "--set", "train.max_train_steps=20")
+    plain_after = torch.load(plain / "checkpoints" / "latest.pt", weights_only=False)["counters"]
+    assert "restored the replay" not in out.stderr
+    assert plain_after["env_steps"] - env_steps >= 64  # refilled bootstrap_steps first
+
+    # A replay.pt left from another checkpoint, or one that does not fit, is not used.
+    (rd / "checkpoints" / "replay.pt").write_bytes(kept.read_bytes())
+    out = run("--resume", str(rd), "--set", "train.max_train_steps=24")
+    assert out.returncode == 0, out.stderr
+    assert "notice: replay.pt holds update 12, the checkpoint 20: refilling the replay" in out.stderr
+    out = run("--resume", str(rd), "--set", "train.max_train_steps=28",
+              "--set", "train.replay_buffer_size=2048")
+    assert out.returncode == 0, out.stderr
+    assert "notice: replay.pt does not fit this replay (slots 256 != 512)" in out.stderr

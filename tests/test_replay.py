@@ -1,3 +1,6 @@
+import re
+
+import pytest
 import torch
 
 from engine.replay import Replay
@@ -78,3 +81,47 @@ def test_sampling_does_not_sync_with_the_host(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     replay.sample(8, 5)
+
+
+def _samples(replay: Replay) -> dict:
+    return replay.sample(64, 6, generator=torch.Generator().manual_seed(3))
+
+
+def test_a_saved_replay_loads_back_the_same_rows_and_write_head(tmp_path):
+    for steps in (23, 95):  # partly filled; wrapped (the head is mid-buffer)
+        src = Replay(capacity=2 * 30, num_envs=2, spec=SPEC, device=torch.device("cpu"))
+        fill(src, steps)
+        torch.save(src.state_dict(), tmp_path / "r.pt")
+        dst = Replay(capacity=2 * 30, num_envs=2, spec=SPEC, device=torch.device("cpu"))
+        dst.load_state_dict(torch.load(tmp_path / "r.pt", mmap=True, weights_only=True))
+        assert dst.count == steps and len(dst) == len(src)
+        for k, v in _samples(src).items():
+            assert torch.equal(_samples(dst)[k], v), k
+        # Writing goes on where it stopped: the next step lands in the same row in both.
+        fill(src, 1), fill(dst, 1)
+        for k in SPEC:
+            assert torch.equal(src.data[k], dst.data[k]), k
+
+
+def test_a_partly_filled_replay_saves_only_its_rows(tmp_path):
+    big = Replay(capacity=4000, num_envs=1, spec=SPEC, device=torch.device("cpu"))
+    fill(big, 10)
+    torch.save(big.state_dict(), tmp_path / "r.pt")
+    # 10 rows of 64 bytes, not the 4000 preallocated rows (~260 kB).
+    assert (tmp_path / "r.pt").stat().st_size < 20_000
+
+
+def test_a_replay_of_another_size_or_layout_is_refused():
+    src = Replay(capacity=60, num_envs=2, spec=SPEC, device=torch.device("cpu"))
+    fill(src, 5)
+    state = src.state_dict()
+    for capacity, envs, spec, words in (
+        (120, 2, SPEC, "slots 30 != 60"),
+        (60, 3, SPEC, "slots 30 != 20"),
+        (60, 2, {**SPEC, "image": ((8, 8, 3), torch.uint8)}, "image: (5, 2, 4, 4, 3)"),
+        (60, 2, {k: v for k, v in SPEC.items() if k != "image"}, "fields"),
+    ):
+        dst = Replay(capacity=capacity, num_envs=envs, spec=spec, device=torch.device("cpu"))
+        with pytest.raises(ValueError, match=re.escape(words)):
+            dst.load_state_dict(state)
+        assert dst.count == 0
