@@ -239,8 +239,14 @@ def test_resume_with_the_checkpointed_replay_continues_without_refilling(tmp_pat
     # tiny: 4 envs, 1 env step per update, bootstrap_steps 64; 12 updates then 8 more.
     rd, plain = tmp_path / "r", tmp_path / "plain"
     for d in (rd, plain):
-        out = run("--config", "configs/tiny.toml", "--run-dir", str(d), "--set",
-                  f"log.checkpoint_replay={'true' if d == rd else 'false'}")
+        out = run(
+            "--config",
+            "configs/tiny.toml",
+            "--run-dir",
+            str(d),
+            "--set",
+            f"log.checkpoint_replay={'true' if d == rd else 'false'}",
+        )
         assert out.returncode == 0, out.stderr
     assert not (plain / "checkpoints" / "replay.pt").exists()
     saved = torch.load(rd / "checkpoints" / "replay.pt", weights_only=True)
@@ -268,8 +274,16 @@ def test_resume_with_the_checkpointed_replay_continues_without_refilling(tmp_pat
     (rd / "checkpoints" / "replay.pt").write_bytes(kept.read_bytes())
     out = run("--resume", str(rd), "--set", "train.max_train_steps=24")
     assert out.returncode == 0, out.stderr
-    assert "notice: replay.pt holds update 12, the checkpoint 20: refilling the replay" in out.stderr
-    out = run("--resume", str(rd), "--set", "train.max_train_steps=28",
-              "--set", "train.replay_buffer_size=2048")
+    assert (
+        "notice: replay.pt holds update 12, the checkpoint 20: refilling the replay" in out.stderr
+    )
+    out = run(
+        "--resume",
+        str(rd),
+        "--set",
+        "train.max_train_steps=28",
+        "--set",
+        "train.replay_buffer_size=2048",
+    )
     assert out.returncode == 0, out.stderr
     assert "notice: replay.pt does not fit this replay (slots 256 != 512)" in out.stderr
