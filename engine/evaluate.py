@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -43,14 +43,23 @@ class RunError(Exception):
 # Episodes.
 
 
+class Episodes(NamedTuple):
+    """One finished episode per env."""
+
+    returns: np.ndarray
+    lengths: np.ndarray
+    terminal: np.ndarray  # ended by the task (True) or cut at its time limit (False)
+    last_reward: np.ndarray  # the reward of the final step (LunarLander: +100 rest, -100 crash)
+
+
 def play_episodes(
     agent: Agent,
     env: Any,
     to_device: Callable[[dict[str, np.ndarray]], dict[str, Tensor]],
     greedy: bool,
     record: Callable[[dict[str, np.ndarray], int], bool] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One episode in each of `env`'s envs, in parallel: (returns, lengths), one per env.
+) -> Episodes:
+    """One episode in each of `env`'s envs, in parallel.
 
     `record(obs, action)` (optional) sees env 0's observation and the action chosen for it at each
     step until it returns False, then once more with the episode's last observation and action 0
@@ -61,6 +70,8 @@ def play_episodes(
     returns = np.zeros(env.num_envs)
     lengths = np.zeros(env.num_envs, dtype=np.int64)
     done = np.zeros(env.num_envs, dtype=bool)
+    terminal = np.zeros(env.num_envs, dtype=bool)
+    last_reward = np.zeros(env.num_envs)
     recording = record is not None
     with torch.no_grad():
         while not done.all():
@@ -71,10 +82,13 @@ def play_episodes(
             obs = env.step(action)
             returns += np.where(done, 0.0, obs["reward"])
             lengths += ~done
-            done |= obs["is_last"]
+            ending = obs["is_last"] & ~done
+            terminal[ending] = obs["is_terminal"][ending]
+            last_reward[ending] = obs["reward"][ending]
+            done |= ending
     if recording:  # env 0 ended on the last step: its final frame (no action is executed)
         record(obs, 0)
-    return returns, lengths
+    return Episodes(returns, lengths, terminal, last_reward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +212,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def summary(returns: np.ndarray, lengths: np.ndarray, target: float) -> dict[str, Any]:
+def summary(episodes: Episodes, target: float) -> dict[str, Any]:
+    returns, lengths, terminal, last = episodes
+    cut = ~terminal
+
+    def mean(x: np.ndarray) -> float | None:
+        return float(x.mean()) if len(x) else None
+
     return dict(
         episodes=len(returns),
         mean=float(returns.mean()),
@@ -209,8 +229,26 @@ def summary(returns: np.ndarray, lengths: np.ndarray, target: float) -> dict[str
         target=target,
         at_target=int((returns >= target).sum()),
         mean_length=float(lengths.mean()),
+        terminated=int(terminal.sum()),
+        terminated_mean=mean(returns[terminal]),
+        time_limit=int(cut.sum()),
+        time_limit_mean=mean(returns[cut]),
         returns=[float(r) for r in returns],
+        lengths=[int(n) for n in lengths],
+        terminal=[bool(t) for t in terminal],
+        last_rewards=[float(r) for r in last],
     )
+
+
+def ends_text(s: dict[str, Any]) -> str:
+    """'ends: 31 terminated (mean return 160.2), 19 at the time limit (mean 95.0)'."""
+    parts = []
+    for n, m, what in (
+        (s["terminated"], s["terminated_mean"], "terminated"),
+        (s["time_limit"], s["time_limit_mean"], "at the time limit"),
+    ):
+        parts.append(f"{n} {what}" + (f" (mean return {m:.1f})" if n else ""))
+    return "ends: " + ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,17 +276,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(seed)  # sampled latents and actions: the same command, the same figures
     try:
         greedy = (args.policy or cfg.log.eval_policy) == "mode"
-        returns, lengths = play_episodes(run.agent, run.env, ObsUploader(run.device), greedy)
+        episodes = play_episodes(run.agent, run.env, ObsUploader(run.device), greedy)
     finally:
         run.env.close()
     target = args.target if args.target is not None else TASK_TARGETS.get(e.name, DEFAULT_TARGET)
-    s = summary(returns, lengths, target)
+    s = summary(episodes, target)
     policy = "greedy" if greedy else "sampled"
     print(
         f"{run.path} (step {run.step}), {s['episodes']} {policy} episodes of {e.name} from seed "
         f"{seed}: return {s['mean']:.1f} +- {s['std']:.1f} (min {s['min']:.1f}, median "
         f"{s['median']:.1f}, max {s['max']:.1f}); {s['at_target']}/{s['episodes']} >= "
-        f"{target:g}; mean length {s['mean_length']:.1f}"
+        f"{target:g}; mean length {s['mean_length']:.1f}; {ends_text(s)}"
     )
     if args.json:
         from engine.checkpoint import atomic_write

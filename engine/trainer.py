@@ -451,7 +451,8 @@ class Trainer:
         record = None
         if frames is not None:
             record = functools.partial(self._record_frame, frames, actions)
-        returns, lengths = play_episodes(self.agent, self.eval_env, self._to_device, greedy, record)
+        episodes = play_episodes(self.agent, self.eval_env, self._to_device, greedy, record)
+        returns, lengths = episodes.returns, episodes.lengths
         self.last_eval = float(returns.mean())
         self._record(
             "eval",
@@ -459,6 +460,7 @@ class Trainer:
             eval_return_std=float(returns.std()),
             eval_returns=returns.tolist(),
             eval_length=float(lengths.mean()),
+            eval_terminated=int(episodes.terminal.sum()),
         )
         self.progress.write(
             f"step {c['step']} env_steps {c['env_steps']}: "

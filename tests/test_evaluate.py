@@ -11,7 +11,7 @@ import torch
 from engine.agent import Agent
 from engine.config import load_config
 from engine.envs import make_env
-from engine.evaluate import RunError, load_run, play_episodes, summary
+from engine.evaluate import Episodes, RunError, ends_text, load_run, play_episodes, summary
 from engine.transfer import ObsUploader
 from tests.helpers import run_module, tiny_run
 
@@ -36,10 +36,27 @@ def test_play_episodes_counts_each_episode_once_and_records_env_0():
         seen.append((bool(obs["is_first"][0]), bool(obs["is_last"][0]), action))
         return not obs["is_last"][0]
 
+    class Env1Truncated:
+        """env 1's episode end reported as a time-limit cut, as a time limit would."""
+
+        num_envs = env.num_envs
+
+        def reset(self):
+            return env.reset()
+
+        def step(self, action):
+            obs = env.step(action)
+            return {**obs, "is_terminal": obs["is_terminal"] & (np.arange(3) != 1)}
+
     try:
-        returns, lengths = play_episodes(agent, env, ObsUploader(torch.device("cpu")), True, record)
+        returns, lengths, terminal, last = play_episodes(
+            agent, Env1Truncated(), ObsUploader(torch.device("cpu")), True, record
+        )
     finally:
         env.close()
+    # How each episode ended: CartPole's untrained episodes end by the pole falling, reward 1.
+    np.testing.assert_array_equal(terminal, [True, False, True])
+    np.testing.assert_array_equal(last, [1.0, 1.0, 1.0])
     # CartPole pays 1 per step: each env's return is its episode's length, counted once even
     # though the envs that end first keep stepping (auto-reset) until the last one ends.
     assert returns.shape == lengths.shape == (3,)
@@ -51,9 +68,24 @@ def test_play_episodes_counts_each_episode_once_and_records_env_0():
 
 
 def test_summary_figures():
-    s = summary(np.array([100.0, 250.0, 300.0, -50.0]), np.array([10, 20, 30, 40]), 200.0)
+    episodes = Episodes(
+        np.array([100.0, 250.0, 300.0, -50.0]),
+        np.array([1000, 20, 30, 40]),
+        np.array([False, True, True, True]),
+        np.array([-0.3, 100.0, 100.0, -100.0]),
+    )
+    s = summary(episodes, 200.0)
     assert s["mean"] == 150.0 and s["median"] == 175.0 and (s["min"], s["max"]) == (-50.0, 300.0)
-    assert s["at_target"] == 2 and s["episodes"] == 4 and s["mean_length"] == 25.0
+    assert s["at_target"] == 2 and s["episodes"] == 4 and s["mean_length"] == 272.5
+    assert (s["terminated"], s["terminated_mean"]) == (3, 500.0 / 3)
+    assert (s["time_limit"], s["time_limit_mean"]) == (1, 100.0)
+    assert s["terminal"] == [False, True, True, True] and s["last_rewards"][3] == -100.0
+    assert (
+        ends_text(s)
+        == "ends: 3 terminated (mean return 166.7), 1 at the time limit (mean return 100.0)"
+    )
+    s = summary(episodes._replace(terminal=np.ones(4, dtype=bool)), 200.0)
+    assert s["time_limit_mean"] is None and ends_text(s).endswith(", 0 at the time limit")
 
 
 def test_load_run_errors(tmp_path):
@@ -85,6 +117,13 @@ def test_cli_prints_and_writes_the_figures(run_dir, tmp_path):
     assert record["mean"] == pytest.approx(np.mean(record["returns"]))
     assert record["mean"] == pytest.approx(record["mean_length"])  # CartPole: 1 per step
     assert f"return {record['mean']:.1f} +- {record['std']:.1f}" in line
+    # Untrained CartPole episodes end by the pole falling, long before the 500-step limit.
+    assert line.endswith(
+        f"ends: 6 terminated (mean return {record['mean']:.1f}), 0 at the time limit"
+    )
+    assert record["terminal"] == [True] * 6 and record["lengths"] == [
+        int(r) for r in record["returns"]
+    ]
     # The same command gives the same figures; another seed, other episodes.
     again = cli(str(run_dir), "--episodes", "6")
     assert again.stdout == done.stdout
