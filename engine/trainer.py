@@ -522,7 +522,8 @@ class Trainer:
         if name == "latest" and self.cfg.log.checkpoint_replay:
             # Written first: a run killed between the two files leaves a replay.pt whose step
             # differs from latest.pt's, which a resume detects and refills instead.
-            replay = dict(step=self.counters["step"], **self.replay.state_dict())
+            c = self.counters
+            replay = dict(step=c["step"], env_steps=c["env_steps"], **self.replay.state_dict())
             checkpoint.save(self.ckpt_dir / "replay.pt", replay)
         payload = dict(
             agent=self.agent.state_dict(),
@@ -566,15 +567,19 @@ class Trainer:
         file was written with the checkpoint just loaded; otherwise says why it refills."""
         if not self.cfg.log.checkpoint_replay:
             return False
-        path, step = self.ckpt_dir / "replay.pt", self.counters["step"]
+        path, c = self.ckpt_dir / "replay.pt", self.counters
         why = None
         if not path.is_file():
             why = f"no {path.name} beside the checkpoint"
         else:
             try:
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                if state["step"] != step:
-                    why = f"{path.name} holds update {state['step']}, the checkpoint {step}"
+                # Both counters: during the random bootstrap every checkpoint is at update 0.
+                if (state["step"], state["env_steps"]) != (c["step"], c["env_steps"]):
+                    why = (
+                        f"{path.name} holds update {state['step']} (env step "
+                        f"{state['env_steps']}), the checkpoint {c['step']} ({c['env_steps']})"
+                    )
                 else:
                     self.replay.load_state_dict(state)
             except ValueError as e:

@@ -274,9 +274,11 @@ def test_resume_with_the_checkpointed_replay_continues_without_refilling(tmp_pat
     (rd / "checkpoints" / "replay.pt").write_bytes(kept.read_bytes())
     out = run("--resume", str(rd), "--set", "train.max_train_steps=24")
     assert out.returncode == 0, out.stderr
-    assert (
-        "notice: replay.pt holds update 12, the checkpoint 20: refilling the replay" in out.stderr
+    stale = (
+        f"notice: replay.pt holds update 12 (env step {env_steps}), the checkpoint 20 "
+        f"({after['env_steps']}): refilling the replay"
     )
+    assert stale in out.stderr
     out = run(
         "--resume",
         str(rd),
