@@ -59,12 +59,9 @@ class Replay:
     def state_dict(self) -> dict:
         """The rows written so far, in place (the ring order is kept), and the write count."""
         held = min(self.count, self.slots)
-        # A slice of a partly filled buffer is copied: saving a view would write the whole
-        # preallocated storage.
-        data = {
-            k: v.cpu() if held == self.slots else v[:held].cpu().clone()
-            for k, v in self.data.items()
-        }
+        # A partly filled buffer's rows are copied (one copy on any device): saving a view would
+        # write the whole preallocated storage. A full one on the CPU is saved as it is.
+        data = {k: v[:held].to("cpu", copy=held < self.slots) for k, v in self.data.items()}
         return dict(count=self.count, slots=self.slots, num_envs=self.num_envs, data=data)
 
     def load_state_dict(self, state: dict) -> None:
