@@ -249,10 +249,12 @@ def test_resume_with_the_checkpointed_replay_continues_without_refilling(tmp_pat
         )
         assert out.returncode == 0, out.stderr
     assert not (plain / "checkpoints" / "replay.pt").exists()
+
+    def counters(d):
+        return torch.load(d / "checkpoints" / "latest.pt", weights_only=False)["counters"]
+
     saved = torch.load(rd / "checkpoints" / "replay.pt", weights_only=True)
-    env_steps = torch.load(rd / "checkpoints" / "latest.pt", weights_only=False)["counters"][
-        "env_steps"
-    ]
+    env_steps = counters(rd)["env_steps"]
     assert saved["step"] == 12 and saved["count"] * 4 == env_steps
     assert saved["data"]["is_first"][0].all()  # row 0: the first step of every env
 
@@ -261,12 +263,12 @@ def test_resume_with_the_checkpointed_replay_continues_without_refilling(tmp_pat
     out = run("--resume", str(rd), "--set", "train.max_train_steps=20")
     assert out.returncode == 0, out.stderr
     assert f"restored the replay: {env_steps:,} env steps" in out.stderr
-    after = torch.load(rd / "checkpoints" / "latest.pt", weights_only=False)["counters"]
+    after = counters(rd)
     assert after["step"] == 20 and after["env_steps"] - env_steps < 64  # no refill
     assert torch.load(rd / "checkpoints" / "replay.pt", weights_only=True)["step"] == 20
 
     out = run("--resume", str(plain), "--set", "train.max_train_steps=20")
-    plain_after = torch.load(plain / "checkpoints" / "latest.pt", weights_only=False)["counters"]
+    plain_after = counters(plain)
     assert "restored the replay" not in out.stderr
     assert plain_after["env_steps"] - env_steps >= 64  # refilled bootstrap_steps first
 
@@ -279,13 +281,7 @@ def test_resume_with_the_checkpointed_replay_continues_without_refilling(tmp_pat
         f"({after['env_steps']}): refilling the replay"
     )
     assert stale in out.stderr
-    out = run(
-        "--resume",
-        str(rd),
-        "--set",
-        "train.max_train_steps=28",
-        "--set",
-        "train.replay_buffer_size=2048",
-    )
+    resize = ("--set", "train.max_train_steps=28", "--set", "train.replay_buffer_size=2048")
+    out = run("--resume", str(rd), *resize)
     assert out.returncode == 0, out.stderr
     assert "notice: replay.pt does not fit this replay (slots 256 != 512)" in out.stderr
