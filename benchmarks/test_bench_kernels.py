@@ -65,20 +65,21 @@ def test_block_gru_fwd_bwd(benchmark, provider):
     benchmark(_fwd_bwd(fn, args, grad))
 
 
+@pytest.mark.parametrize("space", ["symlog", "real"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_twohot_loss_fwd_bwd(benchmark, provider):
+def test_twohot_loss_fwd_bwd(benchmark, provider, space):
     n, k = 15 * 200, 255
     logits = torch.randn(n, k, device=DEVICE, requires_grad=True)
     y, y2 = torch.randn(n, device=DEVICE) * 50, torch.randn(n, device=DEVICE) * 50
-    bins = th.make_bins(k, device=DEVICE)
-    ref = lambda lg, a, b: th.twohot_loss_reference(lg, a, bins, b, 1.0)
+    bins = th.make_bins(k, device=DEVICE, space=space)
+    ref = lambda lg, a, b: th.twohot_loss_reference(lg, a, bins, b, 1.0, space)
     fn = {
         "torch": ref,
         "compiled": torch.compile(ref),
-        "triton": lambda lg, a, b: th.twohot_loss_triton(lg, a, bins, b, 1.0),
+        "triton": lambda lg, a, b: th.twohot_loss_triton(lg, a, bins, b, 1.0, space),
     }[provider]
     grad = torch.ones(n, device=DEVICE)
-    benchmark.group = "two-hot CE + slow target, fwd+bwd (3000 x 255)"
+    benchmark.group = f"two-hot CE + slow target, fwd+bwd (3000 x 255, {space} space)"
     benchmark(_fwd_bwd(fn, (logits, y, y2), grad))
 
 

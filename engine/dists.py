@@ -1,4 +1,5 @@
-"""The distributions of DreamerV3: symlog, symlog two-hot, unimix categoricals, KL with free bits.
+"""The distributions of DreamerV3: symlog, two-hot (symlog or real space), unimix categoricals, KL
+with free bits.
 
 One place for each. The two-hot math is defined in kernels/twohot.py beside its fused kernel (its
 pure-PyTorch reference is the engine's definition) and re-exported here.
@@ -10,14 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.twohot import make_bins, symexp, symlog, twohot, twohot_floor, twohot_loss
+from kernels.twohot import (
+    make_bins,
+    symexp,
+    symlog,
+    twohot,
+    twohot_floor,
+    twohot_loss,
+    twohot_mean,
+)
 
-__all__ = ["make_bins", "symexp", "symlog", "twohot", "twohot_floor", "twohot_loss"]
-
-
-def twohot_mean(logits: Tensor, bins: Tensor) -> Tensor:
-    """Expected value in real space: symexp of the softmax-weighted bin average."""
-    return symexp((F.softmax(logits, -1) * bins).sum(-1))
+__all__ = [
+    "make_bins",
+    "symexp",
+    "symlog",
+    "twohot",
+    "twohot_floor",
+    "twohot_loss",
+    "twohot_mean",
+]
 
 
 def unimix_probs(logits: Tensor, unimix: float) -> Tensor:

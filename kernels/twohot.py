@@ -1,4 +1,21 @@
-"""Symlog two-hot cross-entropy: DreamerV3's reward and critic loss, as one fused Triton kernel.
+"""Two-hot cross-entropy: DreamerV3's reward and critic loss, as one fused Triton kernel.
+
+Two encodings (`space`, "symlog" by default everywhere):
+
+- "symlog": bins uniform in symlog space (make_bins: linspace(-20, 20, K)); the target is the
+  two-hot of symlog(y), interpolated in symlog space, and the prediction is
+  symexp(sum(p * bins)). The expectation is exact in symlog space, so a stochastic target is
+  fitted at symexp(E[symlog y]): a reward of -100 with probability 0.1 (else 0) is predicted as
+  about -0.59, not -10.
+- "real": official DreamerV3 (`symexp_twohot` in embodied/jax/heads.py, `TwoHot` in outs.py).
+  Bins live in real space, symexp of a uniform symlog grid, mirrored so they are exactly
+  antisymmetric (make_bins(space="real")); the target is the two-hot of y itself, interpolated
+  by real-space distance, and the prediction sum(p * bins) is summed symmetrically so uniform
+  probabilities give exactly 0. Its expectation is exact in real space: the -100 / 0 example
+  is predicted as -10.
+
+The loss floor (`twohot_floor`, the target's entropy) depends on where y falls between two
+bins, so it differs between the spaces. The kernel takes the space as a compile-time flag.
 
 The first half is the pure-PyTorch reference, THE definition used by the engine and checked
 against by the kernel. The second half is the Triton implementation: a forward kernel that
@@ -7,8 +24,9 @@ recomputes softmax from the saved log-sum-exp and writes the logits gradient in 
 ever materialises the (..., K) target or log-softmax tensors.
 
 Host syncs: none. The launcher reads only tensor shapes; the bin geometry (first/last centre,
-step) is read by the kernel from the `bins` tensor in device memory, so the same code is
-capturable in a CUDA graph and bins never have to be mirrored as Python floats.
+step; in real space their symlog) is read by the kernel from the `bins` tensor in device
+memory, so the same code is capturable in a CUDA graph and bins never have to be mirrored as
+Python floats.
 
 Under Triton 3.9 the interpreter (TRITON_INTERPRET=1: CPU, fp32 only) is chosen each time a
 `@triton.jit` decorator runs, which happens both at `import triton` (tl.max, tl.sum and the
@@ -53,18 +71,48 @@ def symexp(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.expm1(torch.abs(x))
 
 
-def make_bins(num_bins: int = 255, limit: float = 20.0, device=None) -> Tensor:
-    """Bin centres, uniform in symlog space from -limit to +limit (official DreamerV3)."""
+Space = Literal["symlog", "real"]
+SPACES = ("symlog", "real")
+
+
+def _check_space(space: str) -> bool:
+    """True for the real space; ValueError (naming it) for anything but 'symlog' or 'real'."""
+    if space not in SPACES:
+        raise ValueError(f"space must be 'symlog' or 'real', not {space!r}")
+    return space == "real"
+
+
+def make_bins(
+    num_bins: int = 255, limit: float = 20.0, device=None, space: Space = "symlog"
+) -> Tensor:
+    """Bin centres (fp32) of the two-hot encoding.
+
+    "symlog": uniform in symlog space from -limit to +limit (linspace).
+    "real": official DreamerV3 `symexp_twohot`, in real space: symexp of a uniform grid from
+    -limit to 0, mirrored. Odd K: exactly antisymmetric with the centre exactly 0. Even K:
+    the official concat([half, -half[::-1]]) keeps both 0 and -0 (two bins at zero).
+    """
+    if _check_space(space):
+        n = (num_bins - 1) // 2 + 1 if num_bins % 2 else num_bins // 2
+        half = symexp(torch.linspace(-limit, 0.0, n, device=device, dtype=torch.float32))
+        upper = half[:-1] if num_bins % 2 else half
+        return torch.cat([half, -upper.flip(0)])
     return torch.linspace(-limit, limit, num_bins, device=device)
 
 
-def twohot(y: Tensor, bins: Tensor) -> Tensor:
-    """Two-hot encoding of symlog(y) over `bins`: (...,) -> (..., K), in bins' dtype.
+def twohot(y: Tensor, bins: Tensor, space: Space = "symlog") -> Tensor:
+    """Two-hot encoding of y over `bins`: (...,) -> (..., K), in bins' dtype.
 
-    Mass 1 - w on the highest bin <= symlog(y) and w on the next one. Values beyond the outer
-    bins put all mass on the outer bin.
+    "symlog": of x = symlog(y), interpolated in symlog space (so sum(target * bins) = symlog(y)).
+    "real": of x = y over real-space bins (make_bins(space="real")), interpolated by real
+    distance (so sum(target * bins) = y), as the official `TwoHot` loss.
+    Mass 1 - w on the last bin <= x and w on the next one; x beyond the outer bins puts all mass
+    on the outer bin. A NaN target gives NaN weights.
     """
-    x = symlog(y.to(bins.dtype)).clamp(bins[0], bins[-1])
+    x = y.to(bins.dtype)
+    if not _check_space(space):
+        x = symlog(x)
+    x = x.clamp(bins[0], bins[-1])
     k = bins.numel()
     below = (torch.bucketize(x, bins, right=True) - 1).clamp(0, k - 2)  # bins[below] <= x
     lo, hi = bins[below], bins[below + 1]
@@ -75,36 +123,65 @@ def twohot(y: Tensor, bins: Tensor) -> Tensor:
     return out
 
 
+def _fp32(logits: Tensor) -> Tensor:
+    # bf16/fp16 softmax over 255 bins loses ~2 significant digits; fp64 stays fp64 so gradcheck
+    # can use the functions below.
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def _log_softmax_fp32(logits: Tensor) -> Tensor:
-    # bf16/fp16 log-softmax over 255 bins loses ~2 significant digits; fp64 stays fp64 so
-    # gradcheck can use this function.
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.log_softmax(logits, -1)
+    return F.log_softmax(_fp32(logits), -1)
+
+
+def twohot_mean(logits: Tensor, bins: Tensor, space: Space = "symlog") -> Tensor:
+    """The prediction in real space: (..., K) logits -> (...), softmax in fp32 (or fp64).
+
+    "symlog": symexp of the softmax-weighted bin average (what engine/dists.py computed).
+    "real": the softmax-weighted average of the real bins, summed symmetrically like the
+    official `TwoHot.pred`: bin i is added to its mirror K-1-i before the sum, so uniform
+    probabilities over antisymmetric bins predict exactly 0 (a left-to-right sum would not).
+    """
+    real = _check_space(space)
+    pb = F.softmax(_fp32(logits), -1) * bins
+    if not real:
+        return symexp(pb.sum(-1))
+    k = pb.shape[-1]
+    m = k // 2
+    if k % 2:
+        return pb[..., m] + (pb[..., :m].flip(-1) + pb[..., m + 1 :]).sum(-1)
+    return (pb[..., :m].flip(-1) + pb[..., m:]).sum(-1)
 
 
 def twohot_loss_reference(
-    logits: Tensor, y: Tensor, bins: Tensor, y2: Tensor | None = None, coef2: float = 0.0
+    logits: Tensor,
+    y: Tensor,
+    bins: Tensor,
+    y2: Tensor | None = None,
+    coef2: float = 0.0,
+    space: Space = "symlog",
 ) -> Tensor:
     """Cross-entropy of two-hot target(s) under softmax(logits): (..., K), (...) -> (...).
 
     With y2: CE(twohot(y)) + coef2 * CE(twohot(y2)) over the same logits (the critic's return
     target plus its slow-critic regulariser); coef2 is ignored without y2. Targets are detached.
-    Half-precision logits are upcast, so the loss is fp32 like the kernel's.
+    Half-precision logits are upcast, so the loss is fp32 like the kernel's. `space` picks the
+    encoding (see `twohot`); `bins` must be that space's make_bins.
     """
+    _check_space(space)
     logp = _log_softmax_fp32(logits)
-    loss = -(twohot(y.detach(), bins) * logp).sum(-1)
+    loss = -(twohot(y.detach(), bins, space) * logp).sum(-1)
     if y2 is not None:
-        loss = loss - coef2 * (twohot(y2.detach(), bins) * logp).sum(-1)
+        loss = loss - coef2 * (twohot(y2.detach(), bins, space) * logp).sum(-1)
     return loss
 
 
-def twohot_floor(y: Tensor, bins: Tensor) -> Tensor:
+def twohot_floor(y: Tensor, bins: Tensor, space: Space = "symlog") -> Tensor:
     """Entropy of the two-hot target: the lowest cross-entropy any prediction can reach (<= ln 2).
 
-    The reward loss 'plateau' near 0.6 is this floor; report the excess over it.
+    The reward loss 'plateau' near 0.6 is this floor; report the excess over it. It depends on
+    where y falls between two bins, so it differs between the spaces.
     """
-    target = twohot(y.detach(), bins)
+    target = twohot(y.detach(), bins, space)
     return -(target * torch.log(target.clamp_min(1e-12))).sum(-1)
 
 
@@ -140,18 +217,33 @@ def _clamp_nan(x, lo, hi):
 
 
 @triton.jit
-def _twohot_target(y, bins_ptr, n_bins, cols, USE_LIBDEVICE: tl.constexpr):
-    """(ROWS,) targets -> (ROWS, BLOCK_K) weights; equals `twohot` for uniform bins."""
+def _twohot_target(y, bins_ptr, n_bins, cols, REAL: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """(ROWS,) targets -> (ROWS, BLOCK_K) weights; equals `twohot` for make_bins' bins.
+
+    x is the coordinate the bins are in (symlog(y), or y itself in real space). The bin is found
+    arithmetically on the uniform symlog grid: the symlog bins are that grid, the real bins are
+    symexp of it, so first/step are symlog(bins[0]) and the symlog step either way.
+    """
     first = tl.load(bins_ptr)
     last = tl.load(bins_ptr + n_bins - 1)
-    x = _clamp_nan(_symlog(y, USE_LIBDEVICE), first, last)
-    step = (last - first) / (n_bins - 1)
-    below = tl.floor((x - first) / step).to(tl.int32)
+    if REAL:
+        x = _clamp_nan(y, first, last)
+        first_s = _symlog(first, USE_LIBDEVICE)
+        step_s = (_symlog(last, USE_LIBDEVICE) - first_s) / (n_bins - 1)
+        pos = (_symlog(x, USE_LIBDEVICE) - first_s) / step_s
+    else:
+        x = _clamp_nan(_symlog(y, USE_LIBDEVICE), first, last)
+        step = (last - first) / (n_bins - 1)
+        pos = (x - first) / step
+    below = tl.floor(pos).to(tl.int32)
     # Clamp after the int cast: a NaN target casts to an arbitrary int, and must not index
     # outside the bins.
     below = tl.minimum(tl.maximum(below, 0), n_bins - 2)
-    # The arithmetic position can be an ulp off at a bin centre (and linspace's centres are not
-    # exactly first + i * step); one step against the real centres reproduces bucketize.
+    # The arithmetic position can be an ulp off at a bin centre (linspace's centres are not
+    # exactly first + i * step, and real bins are symexp of them, rounded); one step against
+    # the actual centres, in x's space, reproduces bucketize. It is never more than one step
+    # off: even K's real bins repeat 0 (0 and -0), which makes the symlog grid's two halves
+    # each a little coarser than the step assumed here, but by at most half a step.
     lo = tl.load(bins_ptr + below)
     below = tl.where((x < lo) & (below > 0), below - 1, below)
     hi = tl.load(bins_ptr + below + 1)
@@ -159,7 +251,8 @@ def _twohot_target(y, bins_ptr, n_bins, cols, USE_LIBDEVICE: tl.constexpr):
     lo = tl.load(bins_ptr + below)
     hi = tl.load(bins_ptr + below + 1)
     # div_rn: Triton's `/` is div.full.f32 on NVIDIA (2 ulps); IEEE division keeps w exactly
-    # the reference's.
+    # the reference's (in real space x, lo and hi are the reference's too, so w is bit-exact
+    # wherever the bin is).
     w = _clamp_nan(tl.div_rn(x - lo, hi - lo), 0.0, 1.0)
     c = cols[None, :]
     b = below[:, None]
@@ -177,13 +270,14 @@ def _mixed_target(
     cols,
     coef2,
     HAS_Y2: tl.constexpr,
+    REAL: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
 ):
     y = tl.load(y_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    target = _twohot_target(y, bins_ptr, n_bins, cols, USE_LIBDEVICE)
+    target = _twohot_target(y, bins_ptr, n_bins, cols, REAL, USE_LIBDEVICE)
     if HAS_Y2:
         y2 = tl.load(y2_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        target += coef2 * _twohot_target(y2, bins_ptr, n_bins, cols, USE_LIBDEVICE)
+        target += coef2 * _twohot_target(y2, bins_ptr, n_bins, cols, REAL, USE_LIBDEVICE)
     return target
 
 
@@ -199,6 +293,7 @@ def _twohot_fwd_kernel(
     n_bins,
     coef2,
     HAS_Y2: tl.constexpr,
+    REAL: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -214,7 +309,7 @@ def _twohot_fwd_kernel(
     s = tl.sum(tl.exp(z - m[:, None]), axis=1)
     lse = m + tl.log(tl.where(row_ok, s, 1.0))
     target = _mixed_target(
-        y_ptr, y2_ptr, rows, row_ok, bins_ptr, n_bins, cols, coef2, HAS_Y2, USE_LIBDEVICE
+        y_ptr, y2_ptr, rows, row_ok, bins_ptr, n_bins, cols, coef2, HAS_Y2, REAL, USE_LIBDEVICE
     )
     # where(), not z * target: 0 * -inf in the padding columns would be nan.
     zt = tl.sum(tl.where(mask, z, 0.0) * target, axis=1)
@@ -237,6 +332,7 @@ def _twohot_bwd_kernel(
     n_bins,
     coef2,
     HAS_Y2: tl.constexpr,
+    REAL: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -251,7 +347,7 @@ def _twohot_bwd_kernel(
     g = tl.load(grad_loss_ptr + rows * grad_loss_stride, mask=row_ok, other=0.0).to(tl.float32)
     p = tl.exp(z - lse[:, None])
     target = _mixed_target(
-        y_ptr, y2_ptr, rows, row_ok, bins_ptr, n_bins, cols, coef2, HAS_Y2, USE_LIBDEVICE
+        y_ptr, y2_ptr, rows, row_ok, bins_ptr, n_bins, cols, coef2, HAS_Y2, REAL, USE_LIBDEVICE
     )
     grad = ((1.0 + coef2) * p - target) * g[:, None]
     tl.store(grad_logits_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
@@ -308,7 +404,9 @@ class TwoHotLossFunction(torch.autograd.Function):
     """Fused two-hot cross-entropy; saves only the per-row log-sum-exp (fp32) for backward."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, y: Tensor, bins: Tensor, y2: Tensor | None, coef2: float):
+    def forward(
+        ctx, logits: Tensor, y: Tensor, bins: Tensor, y2: Tensor | None, coef2: float, real: bool
+    ):
         lead, k = logits.shape[:-1], logits.shape[-1]
         z = logits.reshape(-1, k).contiguous()
         y1 = y.detach().reshape(-1).to(torch.float32).contiguous()
@@ -322,10 +420,21 @@ class TwoHotLossFunction(torch.autograd.Function):
             grid, meta = _launch_config(n, k)
             has_y2 = y2f is not None
             _twohot_fwd_kernel[grid](
-                z, y1, y2f if has_y2 else y1, b, loss, lse, n, k, coef2, HAS_Y2=has_y2, **meta
+                z,
+                y1,
+                y2f if has_y2 else y1,
+                b,
+                loss,
+                lse,
+                n,
+                k,
+                coef2,
+                HAS_Y2=has_y2,
+                REAL=real,
+                **meta,
             )
         ctx.save_for_backward(z, y1, y2f, b, lse)
-        ctx.coef2, ctx.logits_shape = coef2, logits.shape
+        ctx.coef2, ctx.real, ctx.logits_shape = coef2, real, logits.shape
         return loss.view(lead)
 
     @staticmethod
@@ -352,21 +461,29 @@ class TwoHotLossFunction(torch.autograd.Function):
                 k,
                 ctx.coef2,
                 HAS_Y2=has_y2,
+                REAL=ctx.real,
                 **meta,
             )
-        return grad.view(ctx.logits_shape), None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None
 
 
 def twohot_loss_triton(
-    logits: Tensor, y: Tensor, bins: Tensor, y2: Tensor | None = None, coef2: float = 0.0
+    logits: Tensor,
+    y: Tensor,
+    bins: Tensor,
+    y2: Tensor | None = None,
+    coef2: float = 0.0,
+    space: Space = "symlog",
 ) -> Tensor:
     """Triton twohot_loss_reference: (..., K) fp32/bf16 logits, (...) targets -> (...) fp32.
 
-    `bins` must be uniform (make_bins); the kernel reads its geometry on the device, so any
-    K >= 2 and limit work without a host sync. The logits gradient has the logits' dtype.
+    `bins` must be make_bins(K, limit, space=space): uniform in symlog space, or symexp of such
+    a grid in real space. The kernel reads their geometry on the device, so any K >= 2 and limit
+    work without a host sync. The logits gradient has the logits' dtype.
     """
+    real = _check_space(space)
     _check_inputs(logits, y, bins, y2, coef2)
-    return TwoHotLossFunction.apply(logits, y, bins, y2, coef2)
+    return TwoHotLossFunction.apply(logits, y, bins, y2, coef2, real)
 
 
 def twohot_loss(
@@ -376,10 +493,12 @@ def twohot_loss(
     y2: Tensor | None = None,
     coef2: float = 0.0,
     impl: Literal["torch", "triton"] = "torch",
+    space: Space = "symlog",
 ) -> Tensor:
-    """Two-hot cross-entropy, (..., K), (...) -> (...), by the chosen implementation."""
+    """Two-hot cross-entropy, (..., K), (...) -> (...), by the chosen implementation, in the
+    chosen space (see `twohot`)."""
     if impl == "torch":
-        return twohot_loss_reference(logits, y, bins, y2, coef2)
+        return twohot_loss_reference(logits, y, bins, y2, coef2, space)
     if impl == "triton":
-        return twohot_loss_triton(logits, y, bins, y2, coef2)
+        return twohot_loss_triton(logits, y, bins, y2, coef2, space)
     raise ValueError(f"impl must be 'torch' or 'triton', not {impl!r}")

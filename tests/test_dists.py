@@ -6,6 +6,11 @@ import torch
 from engine import dists
 
 BINS = dists.make_bins(255)
+# Both two-hot spaces: (bins, the coordinate the bins are in).
+SPACES = {
+    "symlog": (BINS, dists.symlog),
+    "real": (dists.make_bins(255, space="real"), lambda y: y),
+}
 
 
 def test_symlog_symexp_round_trip():
@@ -14,32 +19,41 @@ def test_symlog_symexp_round_trip():
     assert dists.symlog(torch.tensor(1.0)).item() == pytest.approx(math.log(2))
 
 
-def test_twohot_is_a_distribution_with_the_right_mean():
+@pytest.mark.parametrize("space", SPACES)
+def test_twohot_is_a_distribution_with_the_right_mean(space):
+    bins, coord = SPACES[space]
     y = torch.tensor([-250.0, -3.3, 0.0, 0.7, 1.0, 12.0, 499.0])
-    t = dists.twohot(y, BINS)
+    t = dists.twohot(y, bins, space)
     torch.testing.assert_close(t.sum(-1), torch.ones(len(y)))
     assert ((t > 0).sum(-1) <= 2).all()
-    # The expectation over the bins (in symlog space) is symlog(y): the encoding is exact.
-    torch.testing.assert_close((t * BINS).sum(-1), dists.symlog(y), rtol=1e-5, atol=1e-5)
+    # The expectation over the bins, in the bins' space (symlog(y), or y itself in real space):
+    # the encoding is exact there.
+    torch.testing.assert_close((t * bins).sum(-1), coord(y), rtol=1e-5, atol=1e-5)
 
 
-def test_twohot_round_trip_through_logits():
+@pytest.mark.parametrize("space", SPACES)
+def test_twohot_round_trip_through_logits(space):
+    bins = SPACES[space][0]
     y = torch.tensor([-42.0, -1.0, 0.0, 1.0, 3.7, 500.0])
-    logits = torch.log(dists.twohot(y, BINS).clamp_min(1e-30))
-    torch.testing.assert_close(dists.twohot_mean(logits, BINS), y, rtol=1e-4, atol=1e-4)
+    logits = torch.log(dists.twohot(y, bins, space).clamp_min(1e-30))
+    torch.testing.assert_close(dists.twohot_mean(logits, bins, space), y, rtol=1e-4, atol=1e-4)
 
 
-def test_twohot_clamps_beyond_the_outer_bins():
-    t = dists.twohot(torch.tensor([1e12, -1e12]), BINS)
+@pytest.mark.parametrize("space", SPACES)
+def test_twohot_clamps_beyond_the_outer_bins(space):
+    t = dists.twohot(torch.tensor([1e12, -1e12]), SPACES[space][0], space)
     assert t[0, -1] == 1 and t[1, 0] == 1
 
 
-def test_twohot_loss_floor_is_target_entropy():
+@pytest.mark.parametrize("space", SPACES)
+def test_twohot_loss_floor_is_target_entropy(space):
+    bins = SPACES[space][0]
     y = torch.tensor([1.0, 0.0, 7.5, -2.0])
-    target = dists.twohot(y, BINS)
+    target = dists.twohot(y, bins, space)
     best = torch.log(target.clamp_min(1e-30))
-    floor = dists.twohot_floor(y, BINS)
-    torch.testing.assert_close(dists.twohot_loss(best, y, BINS), floor, atol=1e-5, rtol=1e-5)
+    floor = dists.twohot_floor(y, bins, space)
+    loss = dists.twohot_loss(best, y, bins, space=space)
+    torch.testing.assert_close(loss, floor, atol=1e-5, rtol=1e-5)
     assert (floor <= math.log(2) + 1e-6).all()
     # A reward of exactly 0 sits on a bin: no floor. A reward of 1 (CartPole) does not: the
     # archive's reward-loss "plateau" of ~0.6 is this floor.
@@ -48,15 +62,17 @@ def test_twohot_loss_floor_is_target_entropy():
     # Any other prediction is worse.
     torch.manual_seed(0)
     other = best + 0.3 * torch.randn_like(best)
-    assert (dists.twohot_loss(other, y, BINS) > floor - 1e-6).all()
-    assert (dists.twohot_loss(torch.zeros_like(best), y, BINS) > floor + 1).all()
+    assert (dists.twohot_loss(other, y, bins, space=space) > floor - 1e-6).all()
+    assert (dists.twohot_loss(torch.zeros_like(best), y, bins, space=space) > floor + 1).all()
 
 
-def test_twohot_loss_gradient_is_softmax_minus_target():
+@pytest.mark.parametrize("space", SPACES)
+def test_twohot_loss_gradient_is_softmax_minus_target(space):
+    bins = SPACES[space][0]
     logits = torch.randn(5, 255, requires_grad=True)
     y = torch.randn(5) * 10
-    dists.twohot_loss(logits, y, BINS).sum().backward()
-    expected = torch.softmax(logits.detach(), -1) - dists.twohot(y, BINS)
+    dists.twohot_loss(logits, y, bins, space=space).sum().backward()
+    expected = torch.softmax(logits.detach(), -1) - dists.twohot(y, bins, space)
     torch.testing.assert_close(logits.grad, expected, atol=1e-6, rtol=1e-5)
 
 
