@@ -15,7 +15,7 @@ from engine.behavior import Behavior
 from engine.config import Config, actor_entropy_coef_at, effective_lrs
 from engine.fast import FastOptions, autocast
 from engine.nvtx import nvtx_range
-from engine.optim import Adam, step_together
+from engine.optim import Optimizer, step_together
 from engine.world_model import WorldModel
 
 Carry = tuple[Tensor, Tensor, Tensor]  # deter (N, D), stoch (N, L, K), prev action one-hot (N, A)
@@ -39,14 +39,21 @@ class Agent(nn.Module):
         self.to(device)  # before the optimizers: their state lives beside the parameters
         t = cfg.train
         lr = effective_lrs(t)  # scaled with the batch size under train.lr_scaling
-        adam = dict(weight_decay=t.weight_decay, eps=t.adam_eps)
-        self.wm_opt = Adam(self.wm.parameters(), lr["wm_lr"], clip=t.wm_grad_clip, **adam)
-        self.actor_opt = Adam(
-            self.behavior.actor.parameters(), lr["actor_lr"], clip=t.actor_grad_clip, **adam
+        kw = dict(
+            kind=t.optimizer,
+            weight_decay=t.weight_decay,
+            eps=t.adam_eps,
+            agc=t.agc,
+            warmup=t.lr_warmup_steps,
         )
-        self.critic_opt = Adam(
-            self.behavior.critic.parameters(), lr["critic_lr"], clip=t.critic_grad_clip, **adam
+        self.wm_opt = Optimizer(self.wm.parameters(), lr["wm_lr"], clip=t.wm_grad_clip, **kw)
+        self.actor_opt = Optimizer(
+            self.behavior.actor.parameters(), lr["actor_lr"], clip=t.actor_grad_clip, **kw
         )
+        self.critic_opt = Optimizer(
+            self.behavior.critic.parameters(), lr["critic_lr"], clip=t.critic_grad_clip, **kw
+        )
+        self.replay_context = t.replay_context
         # A device tensor, refilled in place by the trainer: a changing Python float would make
         # torch.compile recompile every update and be frozen into a captured CUDA graph.
         self.entropy_coef = torch.tensor(actor_entropy_coef_at(t, 0), device=self.device)
@@ -55,7 +62,7 @@ class Agent(nn.Module):
         """The actor's entropy coefficient for the next updates (no host sync)."""
         self.entropy_coef.fill_(value)
 
-    def optimizers(self) -> dict[str, Adam]:
+    def optimizers(self) -> dict[str, Optimizer]:
         return {"wm": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
 
     def num_params(self) -> int:
@@ -66,20 +73,33 @@ class Agent(nn.Module):
 
     def train_step(self, batch: dict[str, Tensor], train_behavior: bool) -> dict[str, Tensor]:
         """One learner update on a replay batch (B, T, ...). Returns 0-dim metric tensors."""
+        return self.learn(batch, train_behavior)[0]
+
+    def learn(
+        self, batch: dict[str, Tensor], train_behavior: bool
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+        """`train_step`, also returning the posterior (deter (B, T, D), stoch (B, T, L, K)),
+        which the learner writes back to the replay under train.replay_context. With
+        replay_context the batch is one step longer: its first step's stored posterior and
+        action start the sequence."""
+        start = None
+        if self.replay_context:
+            start = (
+                batch["deter"][:, 0].float(),
+                dists.onehot(batch["stoch"][:, 0].long(), self.wm.K),
+                dists.onehot(batch["action"][:, 0], self.num_actions),
+            )
+            batch = {k: v[:, 1:] for k, v in batch.items()}
         with nvtx_range("world_model/forward"), autocast(self.opts, self.device):
-            loss, metrics, (deter, stoch) = self.wm.loss(batch)
+            loss, metrics, (deter, stoch) = self.wm.loss(batch, start)
         if self.cfg.general.train_world_model:
             with nvtx_range("world_model/backward+optimizer"):
                 metrics["wm_grad_norm"] = self.wm_opt.step(loss)
         if train_behavior:
-            start_cont = (~batch["is_terminal"]).flatten().float()
+            replay = {k: batch[k] for k in ("reward", "is_last", "is_terminal")}
             with autocast(self.opts, self.device):
                 actor_loss, critic_loss, beh = self.behavior.loss(
-                    self.wm,
-                    deter.flatten(0, 1),
-                    stoch.flatten(0, 1),
-                    start_cont,
-                    self.entropy_coef,
+                    self.wm, deter, stoch, replay, self.entropy_coef
                 )
             metrics.update(beh)
             # The actor's loss does not depend on the critic's parameters nor the critic's on the
@@ -88,7 +108,7 @@ class Agent(nn.Module):
                 norms = step_together(actor_loss + critic_loss, [self.actor_opt, self.critic_opt])
                 metrics["actor_grad_norm"], metrics["critic_grad_norm"] = norms
                 self.behavior.update_slow_critic()
-        return metrics
+        return metrics, (deter, stoch)
 
     # ---- Acting -----------------------------------------------------------------------------
 

@@ -17,6 +17,35 @@ from engine.nets import MLP
 from engine.nvtx import nvtx_range
 
 
+def replay_lambda_returns(
+    reward: Tensor,
+    is_last: Tensor,
+    is_terminal: Tensor,
+    boot: Tensor,
+    gamma: float,
+    lam: float,
+) -> Tensor:
+    """TD(lambda) returns along replayed sequences (official DreamerV3 `repl_loss`).
+
+    reward, is_last, is_terminal, boot: (B, T), time on dim 1, as stored (reward[t] is the
+    reward for the step into observation t). boot[t] is the imagined lambda-return from replayed
+    state t. Returns R_0..R_{T-2}, (B, T-1):
+        R_{T-1} = boot_{T-1}
+        R_t     = r_{t+1} + gamma (1 - term_{t+1}) ((1 - lam_{t+1}) boot_{t+1} + lam_{t+1} R_{t+1})
+    with lam_{t+1} = lam (1 - last_{t+1}): at an episode's last observation the return stops
+    following the replay (the next row is another episode) and bootstraps instead.
+    """
+    live = gamma * (~is_terminal[:, 1:]).to(reward.dtype)
+    cont = lam * (~is_last[:, 1:]).to(reward.dtype)
+    interm = reward[:, 1:] + (1 - cont) * live * boot[:, 1:]
+    out = []
+    ret = boot[:, -1]
+    for t in reversed(range(reward.shape[1] - 1)):
+        ret = interm[:, t] + live[:, t] * cont[:, t] * ret
+        out.append(ret)
+    return torch.stack(out[::-1], 1)
+
+
 def lambda_returns(reward: Tensor, cont: Tensor, value: Tensor, gamma: float, lam: float) -> Tensor:
     """TD(lambda) returns over an imagined trajectory, bootstrapped with the last value.
 
@@ -39,14 +68,16 @@ class ReturnNorm(nn.Module):
     """EMA of the 5th and 95th return percentiles; returns are divided by max(limit, P95 - P5).
 
     Dividing by the range (not a std) keeps small returns unscaled, so the entropy bonus keeps the
-    same meaning whether rewards are sparse or dense (DreamerV3, Hafner et al.)."""
+    same meaning whether rewards are sparse or dense (DreamerV3, Hafner et al.).
+    init "first": the first batch sets the percentiles; "zero" (official): the EMA starts at 0."""
 
-    def __init__(self, rate: float, limit: float):
+    def __init__(self, rate: float, limit: float, init: str = "first"):
         super().__init__()
         self.rate, self.limit = rate, limit
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        # With init "zero" the EMA counts as started from the zeros above.
+        self.register_buffer("initialised", torch.tensor(init == "zero"))
 
     @torch.no_grad()
     def update(self, ret: Tensor) -> None:
@@ -70,11 +101,14 @@ class Behavior(nn.Module):
         self.num_actions, self.unimix = num_actions, m.unimix
         self.gamma, self.lam, self.horizon = t.gamma, t.lam, t.num_dream_steps
         self.slow_rate, self.slow_reg = t.slow_critic_rate, t.slow_critic_reg
-        self.actor = MLP(feat, units, layers, num_actions, outscale=0.01)
-        self.critic = MLP(feat, units, layers, m.num_bins, outscale=0.0)
+        self.repval_scale, self.space = t.repval_scale, m.twohot_space
+        self.actor = MLP(feat, units, layers, num_actions, outscale=0.01, init=m.init)
+        self.critic = MLP(feat, units, layers, m.num_bins, outscale=0.0, init=m.init)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.retnorm = ReturnNorm(t.retnorm_rate, t.retnorm_limit)
-        self.register_buffer("bins", dists.make_bins(m.num_bins), persistent=False)
+        self.retnorm = ReturnNorm(t.retnorm_rate, t.retnorm_limit, t.retnorm_init)
+        self.register_buffer(
+            "bins", dists.make_bins(m.num_bins, space=m.twohot_space), persistent=False
+        )
 
     def action_logits(self, feat: Tensor) -> Tensor:
         """Normalised log-probabilities of the unimix actor."""
@@ -103,26 +137,44 @@ class Behavior(nn.Module):
         return torch.stack(feats), torch.stack(actions)
 
     def loss(
-        self, wm, deter: Tensor, stoch: Tensor, start_cont: Tensor, entropy_coef: Tensor | float
+        self,
+        wm,
+        deter: Tensor,
+        stoch: Tensor,
+        replay: dict[str, Tensor],
+        entropy_coef: Tensor | float,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Actor and critic losses from posterior starts (N, ...). start_cont: (N,) 1 - terminal."""
+        """Actor and critic losses from the posterior of a replayed batch: deter, stoch
+        (B, T, ...) start one imagined trajectory each; replay holds the batch's reward,
+        is_last and is_terminal (B, T), for the start's continue flag and the replayed-value
+        loss."""
         with nvtx_range("behavior/imagine"):
-            feats, actions = self.imagine(wm, deter, stoch)
+            feats, actions = self.imagine(wm, deter.flatten(0, 1), stoch.flatten(0, 1))
         with nvtx_range("behavior/actor_critic_forward"):
-            return self.losses(wm, feats, actions, start_cont, entropy_coef)
+            return self.losses(wm, feats, actions, replay, entropy_coef)
+
+    def value(self, logits: Tensor) -> Tensor:
+        """The critic's (or reward head's) expected value from its two-hot logits."""
+        return dists.twohot_mean(logits, self.bins, self.space)
 
     def losses(
-        self, wm, feats: Tensor, actions: Tensor, start_cont: Tensor, entropy_coef: Tensor | float
+        self,
+        wm,
+        feats: Tensor,
+        actions: Tensor,
+        replay: dict[str, Tensor],
+        entropy_coef: Tensor | float,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """The losses over an imagined trajectory: one static-shape graph (compiled on the fast
-        path) after the step-by-step rollout."""
+        """The losses over imagined trajectories from every replayed state (feats (H+1, N, F),
+        N = B x T): one static-shape graph (compiled on the fast path) after the rollout."""
         critic_logits = self.critic(feats)  # one pass: its detached mean is the value estimate
+        start_cont = (~replay["is_terminal"]).flatten().float()
         with torch.no_grad():
-            reward = dists.twohot_mean(wm.reward_head(feats), self.bins)
-            cont = torch.sigmoid(wm.cont_head(feats).squeeze(-1))
+            reward = wm.reward(feats)
+            cont = wm.cont_prob(feats)
             cont = torch.cat([start_cont[None], cont[1:]])  # the start's continue flag is known
-            value = dists.twohot_mean(critic_logits.detach(), self.bins)
-            slow_value = dists.twohot_mean(self.slow_critic(feats[:-1]), self.bins)
+            value = self.value(critic_logits.detach().float())
+            slow_value = self.value(self.slow_critic(feats[:-1]).float())
             ret = lambda_returns(reward, cont, value, self.gamma, self.lam)  # (H, N)
             # Imagined steps count by the probability the episode is still running.
             weight = torch.cumprod(self.gamma * cont, 0)[:-1] / self.gamma
@@ -135,10 +187,15 @@ class Behavior(nn.Module):
         actor_loss = -(weight * (logpi * adv + entropy_coef * entropy)).mean()
         # The return target and the slow-critic regulariser share one pass over the logits.
         critic_ce = dists.twohot_loss(
-            critic_logits[:-1], ret, self.bins, slow_value, self.slow_reg, impl=self.kernels
+            critic_logits[:-1], ret, self.bins, slow_value, self.slow_reg, self.kernels, self.space
         )
         critic_loss = (weight * critic_ce).mean()
-        metrics = dict(
+        metrics = {}
+        if self.repval_scale:
+            repval = self.repval_loss(critic_logits[0], slow_value[0], ret[0], replay)
+            metrics["repval_loss"] = repval.detach()
+            critic_loss = critic_loss + self.repval_scale * repval
+        metrics.update(
             actor_loss=actor_loss.detach(),
             actor_entropy=entropy.mean().detach(),
             critic_loss=critic_loss.detach(),
@@ -150,6 +207,34 @@ class Behavior(nn.Module):
             advantage_std=adv.std(),
         )
         return actor_loss, critic_loss, metrics
+
+    def repval_loss(
+        self, logits: Tensor, slow_value: Tensor, boot: Tensor, replay: dict[str, Tensor]
+    ) -> Tensor:
+        """The critic on the replayed states (logits (N, bins), N = B x T) regressed on the
+        replayed trajectories' lambda-returns, bootstrapped with the imagined returns `boot`
+        (N,), plus the slow-critic regulariser; steps that end an episode have no target."""
+        B, T = replay["reward"].shape
+        with torch.no_grad():
+            target = replay_lambda_returns(
+                replay["reward"].float(),
+                replay["is_last"],
+                replay["is_terminal"],
+                boot.reshape(B, T),
+                self.gamma,
+                self.lam,
+            )  # (B, T-1)
+            weight = (~replay["is_last"][:, :-1]).float()
+        ce = dists.twohot_loss(
+            logits.reshape(B, T, -1)[:, :-1],
+            target,
+            self.bins,
+            slow_value.reshape(B, T)[:, :-1],
+            self.slow_reg,
+            self.kernels,
+            self.space,
+        )
+        return (weight * ce).mean()
 
     @torch.no_grad()
     def update_slow_critic(self) -> None:

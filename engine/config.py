@@ -125,6 +125,15 @@ class ModelsConfig:
     """Bins of the symlog two-hot reward and critic outputs."""
     head_layers: int = 1
     """Hidden layers of the reward and continue heads (official DreamerV3: 1)."""
+    twohot_space: str = "symlog"
+    """symlog | real: where the reward and critic two-hot heads live. symlog: bins uniform in
+    symlog space, the target interpolated there, the prediction symexp(sum p*b) (biased toward
+    0 for rare large rewards). real: official DreamerV3 `symexp_twohot`: bins are symexp of
+    the symlog grid, the target is interpolated and the prediction sum p*b taken in real space."""
+    init: str = "engine"
+    """engine | official: weight init. engine: an output layer's outscale multiplies the weight
+    variance and a block-diagonal layer's fan-in is one block's input. official: outscale
+    multiplies the std (the policy head starts 10x smaller) and the fan-in is the full input."""
 
 
 @dataclass
@@ -167,11 +176,22 @@ class TrainConfig:
     actor_lr: float = 1e-4
     critic_lr: float = 1e-4
     weight_decay: float = 1e-6
+    optimizer: str = "adam"
+    """adam | laprop. LaProp (official DreamerV3) divides each gradient by the RMS of past
+    gradients first and then takes momentum of the result (Adam does it the other way round)."""
     adam_eps: float = 1e-8
+    """Epsilon of the optimizer (Adam or LaProp; official LaProp: 1e-20)."""
     wm_grad_clip: float = 1000.0
     """Global-norm gradient clipping of the world model; 0 disables."""
     actor_grad_clip: float = 100.0
     critic_grad_clip: float = 100.0
+    agc: float = 0.0
+    """Adaptive gradient clipping (official 0.3): each parameter tensor's gradient is scaled
+    down where its norm exceeds agc x max(1e-3, the tensor's norm); 0 disables. Applied before
+    the global-norm clips above (set those to 0 for the official optimizer)."""
+    lr_warmup_steps: int = 0
+    """Each optimizer's learning rate rises linearly from 0 over its first this many updates
+    (official: 1000); 0 disables."""
     async_collection: bool = True
     """Step the training envs in a background thread while the learner updates (same data as
     stepping inline: the step in flight only produces the next observation)."""
@@ -210,6 +230,17 @@ class TrainConfig:
     """EMA rate of the 5th/95th return percentiles."""
     retnorm_limit: float = 1.0
     """Returns are divided by max(limit, P95 - P5)."""
+    retnorm_init: str = "first"
+    """first | zero: the percentile EMA starts at the first batch's percentiles, or (official)
+    at zero, so early returns are divided by ~limit until the EMA has grown."""
+    repval_scale: float = 0.0
+    """Weight of the replayed-value loss (official 0.3): the critic also regresses the
+    lambda-returns of the replayed trajectories (real rewards and episode ends, bootstrapped
+    with the imagined returns from each replayed state); 0 disables."""
+    replay_context: bool = False
+    """Store each step's posterior (deter, stoch) in the replay and start every sampled sequence
+    from the stored state before it, instead of from zeros (official replay_context = 1). The
+    posteriors computed in training are written back to the replay."""
     lr_scaling: str = "none"
     """none | linear | sqrt: multiply every learning rate by (batch_size / lr_base_batch), or
     its square root, so a batch-size sweep need not retune the learning rates."""
@@ -504,6 +535,13 @@ def validate(cfg: Config, src: str = "config") -> None:
         m.num_bins,
     )
     need(m.head_layers >= 0, "models.head_layers", "must be >= 0", m.head_layers)
+    need(
+        m.twohot_space in ("symlog", "real"),
+        "models.twohot_space",
+        "must be symlog|real",
+        m.twohot_space,
+    )
+    need(m.init in ("engine", "official"), "models.init", "must be engine|official", m.init)
 
     for key in ("batch_size", "sequence_length", "num_dream_steps", "replay_buffer_size"):
         need(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
@@ -536,6 +574,8 @@ def validate(cfg: Config, src: str = "config") -> None:
         "cont_scale",
         "max_abs_dream_value",
         "early_stop_min_delta",
+        "agc",
+        "repval_scale",
     ):
         v = getattr(t, key)
         need(math.isfinite(v) and v >= 0, f"train.{key}", "must be finite and >= 0", v)
@@ -556,6 +596,14 @@ def validate(cfg: Config, src: str = "config") -> None:
         t.early_stop_patience,
     )
     need(t.adam_eps > 0, "train.adam_eps", "must be > 0", t.adam_eps)
+    need(t.optimizer in ("adam", "laprop"), "train.optimizer", "must be adam|laprop", t.optimizer)
+    need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0", t.lr_warmup_steps)
+    need(
+        t.retnorm_init in ("first", "zero"),
+        "train.retnorm_init",
+        "must be first|zero",
+        t.retnorm_init,
+    )
     need(t.train_ratio > 0, "train.train_ratio", "must be > 0", t.train_ratio)
     for key in ("slow_critic_rate", "retnorm_rate"):
         need(0 < getattr(t, key) <= 1, f"train.{key}", "must be in (0, 1]", getattr(t, key))

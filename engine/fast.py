@@ -79,6 +79,8 @@ class Learner:
     def __init__(self, agent, replay, batch_size: int, length: int, opts: FastOptions):
         self.agent, self.replay = agent, replay
         self.batch_size, self.length = batch_size, length
+        # Replay context: one more step whose stored posterior starts the sequence.
+        self.context = agent.replay_context
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]] = {}
         self.use_graphs = opts.cuda_graphs
 
@@ -93,8 +95,15 @@ class Learner:
 
     def _run(self, train_behavior: bool) -> dict[str, Tensor]:
         with nvtx_range("replay/sample"):
-            batch = self.replay.sample(self.batch_size, self.length)
-        return self.agent.train_step(batch, train_behavior)
+            t, e = self.replay.sample_indices(self.batch_size, self.length + self.context)
+            batch = self.replay.gather(t, e)
+        metrics, (deter, stoch) = self.agent.learn(batch, train_behavior)
+        if self.context:
+            # The fresher posteriors replace the stored ones (official replay_context).
+            with nvtx_range("replay/write_context"):
+                rows = (t[:, 1:], e[:, 1:])
+                self.replay.write(*rows, {"deter": deter, "stoch": stoch.argmax(-1)})
+        return metrics
 
     def _capture(self, train_behavior: bool):
         # Warm-up iterations (needed before capture: lazy init, compilation, allocator) are real

@@ -12,21 +12,41 @@ from torch import Tensor, nn
 
 from kernels.block_gru import block_gru
 
+INITS = ("engine", "official")
 
-def trunc_normal_in_(weight: Tensor, fan_in: int, scale: float = 1.0) -> None:
-    """Truncated normal with variance scale/fan_in (official `trunc_normal_in`); scale 0 = zeros."""
-    if scale == 0:
+
+def trunc_normal_in_(
+    weight: Tensor, fan_in: int, outscale: float = 1.0, init: str = "engine"
+) -> None:
+    """Truncated normal with std 1/sqrt(fan_in) (official `trunc_normal_in`), times `outscale`:
+    init "official" multiplies the std by it (as DreamerV3 does), "engine" the variance (the
+    engine's first reading: an outscale of 0.01 gives 0.1x the std). outscale 0 = zeros."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, not {init!r}")
+    if outscale == 0:
         nn.init.zeros_(weight)
         return
-    # 0.8796 is the std of a unit normal truncated at +-2; dividing restores the intended variance.
-    std = math.sqrt(scale / fan_in) / 0.87962566103423978
+    factor = outscale if init == "official" else math.sqrt(outscale)
+    # 0.8796 is the std of a unit normal truncated at +-2; dividing restores the intended std.
+    std = factor / math.sqrt(fan_in) / 0.87962566103423978
     nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
 
 
 class Linear(nn.Linear):
-    def __init__(self, n_in: int, n_out: int, bias: bool = True, outscale: float = 1.0):
+    """`fan_in` overrides the input width in the init, for a layer that is one part of a wider
+    one (its other part applied elsewhere)."""
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        bias: bool = True,
+        outscale: float = 1.0,
+        init: str = "engine",
+        fan_in: int | None = None,
+    ):
         super().__init__(n_in, n_out, bias)
-        trunc_normal_in_(self.weight, n_in, outscale)
+        trunc_normal_in_(self.weight, fan_in or n_in, outscale, init)
         if bias:
             nn.init.zeros_(self.bias)
 
@@ -84,26 +104,34 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         ms = x.float().square().mean(self.channel_dim, keepdim=True)
         w = self.weight if self.channel_dim == -1 else self.weight[:, None, None]
-        return (x * torch.rsqrt(ms + self.eps)).to(x.dtype) * w
+        # The weight in the activation's dtype: an fp32 weight would promote a bf16 activation
+        # (under autocast) to fp32 and every layer after the norm would run in fp32.
+        return (x * torch.rsqrt(ms + self.eps)).to(x.dtype) * w.to(x.dtype)
 
 
 class DenseAct(nn.Sequential):
     """Linear -> RMSNorm -> SiLU, the unit of every DreamerV3 MLP."""
 
-    def __init__(self, n_in: int, n_out: int):
-        super().__init__(Linear(n_in, n_out), RMSNorm(n_out), nn.SiLU())
+    def __init__(self, n_in: int, n_out: int, init: str = "engine"):
+        super().__init__(Linear(n_in, n_out, init=init), RMSNorm(n_out), nn.SiLU())
 
 
 class MLP(nn.Module):
     """`layers` hidden DenseAct layers, then an optional output Linear (outscale 0 = zero init)."""
 
     def __init__(
-        self, n_in: int, units: int, layers: int, n_out: int | None = None, outscale: float = 1.0
+        self,
+        n_in: int,
+        units: int,
+        layers: int,
+        n_out: int | None = None,
+        outscale: float = 1.0,
+        init: str = "engine",
     ):
         super().__init__()
         dims = [n_in] + [units] * layers
-        self.hidden = nn.Sequential(*[DenseAct(a, b) for a, b in zip(dims[:-1], dims[1:])])
-        self.out = Linear(dims[-1], n_out, outscale=outscale) if n_out else None
+        self.hidden = nn.Sequential(*[DenseAct(a, b, init) for a, b in zip(dims[:-1], dims[1:])])
+        self.out = Linear(dims[-1], n_out, outscale=outscale, init=init) if n_out else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.hidden(x)
@@ -113,13 +141,15 @@ class MLP(nn.Module):
 class BlockLinear(nn.Module):
     """Block-diagonal linear map: G independent (in/G -> out/G) matrices, one batched matmul."""
 
-    def __init__(self, n_in: int, n_out: int, blocks: int):
+    def __init__(self, n_in: int, n_out: int, blocks: int, init: str = "engine"):
         super().__init__()
         assert n_in % blocks == 0 and n_out % blocks == 0, (n_in, n_out, blocks)
         self.blocks = blocks
         self.weight = nn.Parameter(torch.empty(blocks, n_in // blocks, n_out // blocks))
         self.bias = nn.Parameter(torch.zeros(n_out))
-        trunc_normal_in_(self.weight, n_in // blocks)
+        # Official DreamerV3 counts the whole input as the fan-in (its initializer's fans of a
+        # (G, in/G, out/G) kernel); the engine's first reading counted one block's.
+        trunc_normal_in_(self.weight, n_in if init == "official" else n_in // blocks, 1.0, init)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -137,16 +167,23 @@ class BlockGRU(nn.Module):
     """
 
     def __init__(
-        self, deter: int, stoch: int, num_actions: int, hidden: int, blocks: int, impl="torch"
+        self,
+        deter: int,
+        stoch: int,
+        num_actions: int,
+        hidden: int,
+        blocks: int,
+        impl="torch",
+        init: str = "engine",
     ):
         super().__init__()
         self.deter, self.blocks, self.impl, self.hidden = deter, blocks, impl, hidden
-        self.in_deter = DenseAct(deter, hidden)
-        self.in_stoch = DenseAct(stoch, hidden)
-        self.in_action = DenseAct(num_actions, hidden)
-        self.hid = BlockLinear(deter + blocks * 3 * hidden, deter, blocks)
+        self.in_deter = DenseAct(deter, hidden, init)
+        self.in_stoch = DenseAct(stoch, hidden, init)
+        self.in_action = DenseAct(num_actions, hidden, init)
+        self.hid = BlockLinear(deter + blocks * 3 * hidden, deter, blocks, init)
         self.hid_norm = RMSNorm(deter)
-        self.gru = BlockLinear(deter, 3 * deter, blocks)
+        self.gru = BlockLinear(deter, 3 * deter, blocks, init)
 
     def forward(self, deter: Tensor, stoch: Tensor, action: Tensor) -> Tensor:
         return self.tapped(deter, stoch, action, None)[0]
@@ -178,7 +215,9 @@ class BlockGRU(nn.Module):
             embeds.append(layer[2](layer[1](tapped_linear(layer[0], v, tap))))
         x = torch.cat(embeds, -1)
         x = x.unsqueeze(-2).expand(*x.shape[:-1], g, x.shape[-1])  # (N, G, 3H)
-        x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1), x], -1)  # (N, G, D/G + 3H)
+        x = torch.cat([deter.reshape(*deter.shape[:-1], g, -1).to(x.dtype), x], -1)
+        # (N, G, D/G + 3H), in the autocast dtype under autocast: the block matmuls would cast
+        # it anyway, and the Triton cell takes its bf16 path only for a bf16 input.
         w_hid, w_gru = self.hid.weight, self.gru.weight
         block_taps = None
         if taps and "hid" in taps:
@@ -245,14 +284,17 @@ class ImageDecoder(nn.Module):
         size: int,
         sigmoid: bool,
         blocks: int = 8,
+        init: str = "engine",
     ):
         super().__init__()
         self.min_res = size // 2 ** len(channels)
         self.c_last = channels[-1]
         space = self.min_res**2 * self.c_last
         self.blocks = math.gcd(blocks, self.c_last, deter)
-        self.from_deter = BlockLinear(deter, space, self.blocks)
-        self.from_stoch = nn.Sequential(DenseAct(stoch, units), Linear(units, space))
+        self.from_deter = BlockLinear(deter, space, self.blocks, init)
+        self.from_stoch = nn.Sequential(
+            DenseAct(stoch, units, init), Linear(units, space, init=init)
+        )
         self.space_norm = RMSNorm(self.c_last, channel_dim=1)
         layers = []
         outs = list(reversed(channels[:-1])) + [3]

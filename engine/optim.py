@@ -1,32 +1,56 @@
-"""Adam with all of its state on the device: the step count and learning rate are tensors and
-the gradient-norm clip never leaves the device. torch.optim.Adam reads its step count with
-.item() unless capturable=True, which it only allows on CUDA; this one has no host sync on any
-device, so the whole update can be compiled and captured in a CUDA graph.
+"""Optimizers with all of their state on the device: Adam and LaProp (official DreamerV3), with
+global-norm clipping, adaptive gradient clipping (AGC) and a linear learning-rate warm-up. The
+step count and learning rate are tensors and no clip ever leaves the device. torch.optim.Adam
+reads its step count with .item() unless capturable=True, which it only allows on CUDA; these
+have no host sync on any device, so the whole update can be compiled and captured in a CUDA
+graph.
 
-The update is torch's fused Adam kernel (one pass over parameters, gradients and both moments;
-the clip is folded in as its `grad_scale` divisor): at d256 (13.8M world-model parameters) the
-eight separate foreach passes it replaces took ~0.25 s per update on the 2-core CPU."""
+Adam is torch's fused Adam kernel (one pass over parameters, gradients and both moments; the
+global-norm clip is folded in as its `grad_scale` divisor): at d256 (13.8M world-model parameters)
+the eight separate foreach passes it replaces took ~0.25 s per update on the 2-core CPU. LaProp
+has no fused kernel in torch and runs as foreach passes.
+
+Per update, in order: gradient (+ L2 weight decay for Adam), AGC per tensor, global-norm clip,
+then the Adam or LaProp step with the warmed-up learning rate.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+KINDS = ("adam", "laprop")
+AGC_PMIN = 1e-3  # official `clip_by_agc`: parameter norms below this count as this
 
-class Adam:
+
+class Optimizer:
+    """`kind` "adam": torch's Adam (L2 weight decay added to the gradient). "laprop": the
+    gradient is divided by the RMS of past gradients (bias-corrected second moment) first, then
+    averaged by momentum (bias-corrected); weight decay is decoupled (added to the update), as in
+    official DreamerV3. `agc` > 0 scales each tensor's gradient by 1 / max(1, |g| / (agc x
+    max(1e-3, |p|))); `clip` > 0 then clips the global norm; `warmup` > 0 ramps the learning rate
+    linearly from 0 over the first `warmup` updates (update k uses lr x k / warmup)."""
+
     def __init__(
         self,
         params,
         lr: float,
+        kind: str = "adam",
         betas=(0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         clip: float = 0.0,
+        agc: float = 0.0,
+        warmup: int = 0,
     ):
+        if kind not in KINDS:
+            raise ValueError(f"optimizer kind must be one of {KINDS}, not {kind!r}")
         self.params = [p for p in params if p.requires_grad]
         device = self.params[0].device
+        self.kind = kind
         self.lr = torch.tensor(float(lr), device=device)
-        self.betas, self.eps, self.weight_decay, self.clip = betas, eps, weight_decay, clip
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.clip, self.agc, self.warmup = clip, agc, warmup
         self.count = torch.zeros((), device=device)
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
@@ -34,23 +58,57 @@ class Adam:
     def set_lr(self, lr: float) -> None:
         self.lr.fill_(lr)
 
+    def current_lr(self) -> Tensor:
+        """The learning rate of the next update (the warm-up applied), a device tensor."""
+        if not self.warmup:
+            return self.lr
+        return self.lr * torch.clamp(self.count / self.warmup, max=1.0)
+
     def step(self, loss: Tensor) -> Tensor:
-        """Gradients of `loss`, global-norm clipping (L2 weight decay as torch's Adam), update.
-        Returns the gradient norm before clipping, as a device tensor."""
+        """Gradients of `loss`, clipping, update. Returns the gradient norm before clipping, as
+        a device tensor."""
         return step_together(loss, [self])[0]
 
     def _apply(self, grads: list[Tensor]) -> Tensor:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        # The kernel divides gradients by grad_scale: >1 exactly when the norm exceeds the clip.
-        scale = torch.clamp((norm + 1e-6) / self.clip, min=1.0) if self.clip > 0 else None
+        if self.agc > 0:
+            torch._foreach_mul_(grads, list(agc_factors(self.params, grads, self.agc).unbind()))
+        scale = None
+        if self.clip > 0:
+            # The global-norm clip as a divisor: > 1 exactly when the norm exceeds the clip.
+            clipped = norm
+            if self.agc > 0:
+                clipped = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            scale = torch.clamp((clipped + 1e-6) / self.clip, min=1.0)
+        lr = self.current_lr()
         self.count.add_(1)
         b1, b2 = self.betas
-        torch._fused_adam_(
-            self.params, grads, self.m, self.v, [], [self.count] * len(self.params),
-            lr=self.lr, beta1=b1, beta2=b2, weight_decay=self.weight_decay, eps=self.eps,
-            amsgrad=False, maximize=False, grad_scale=scale, found_inf=None,
-        )  # fmt: skip
+        if self.kind == "adam":
+            torch._fused_adam_(
+                self.params, grads, self.m, self.v, [], [self.count] * len(self.params),
+                lr=lr, beta1=b1, beta2=b2, weight_decay=self.weight_decay, eps=self.eps,
+                amsgrad=False, maximize=False, grad_scale=scale, found_inf=None,
+            )  # fmt: skip
+        else:
+            if scale is not None:
+                grads = torch._foreach_div(grads, scale)
+            self._laprop(grads, lr)
         return norm
+
+    def _laprop(self, grads: list[Tensor], lr: Tensor) -> None:
+        b1, b2 = self.betas
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
+        denom = torch._foreach_div(self.v, 1 - b2**self.count)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_mul_(self.m, b1)
+        torch._foreach_add_(self.m, torch._foreach_div(grads, denom), alpha=1 - b1)
+        update = torch._foreach_div(self.m, 1 - b1**self.count)
+        if self.weight_decay:
+            torch._foreach_add_(update, self.params, alpha=self.weight_decay)
+        torch._foreach_mul_(update, -lr)
+        torch._foreach_add_(self.params, update)
 
     def state_dict(self) -> dict:
         return {"count": self.count, "m": self.m, "v": self.v}
@@ -65,7 +123,15 @@ class Adam:
             dst.copy_(src)
 
 
-def step_together(loss: Tensor, optimizers: list[Adam]) -> list[Tensor]:
+def agc_factors(params: list[Tensor], grads: list[Tensor], agc: float) -> Tensor:
+    """Per tensor, the factor AGC scales its gradient by: min(1, agc x max(1e-3, |p|) / |g|)."""
+    gnorm = torch.stack(torch._foreach_norm(grads))
+    pnorm = torch.stack(torch._foreach_norm([p.detach() for p in params]))
+    upper = agc * torch.clamp(pnorm, min=AGC_PMIN)
+    return 1.0 / torch.clamp(gnorm / upper, min=1.0)
+
+
+def step_together(loss: Tensor, optimizers: list[Optimizer]) -> list[Tensor]:
     """One backward pass for several optimizers whose parameter sets do not interact in `loss`
     (actor + critic). Needed on the compiled path: one compiled graph computing both losses has
     one backward, which a second autograd.grad call could not run again. Returns the norms."""

@@ -15,9 +15,13 @@ from torch import Tensor
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def transition_spec(image_size: int, vector_dim: int) -> dict[str, tuple[tuple, torch.dtype]]:
+def transition_spec(
+    image_size: int, vector_dim: int, context: tuple[int, int] | None = None
+) -> dict[str, tuple[tuple, torch.dtype]]:
     """Field -> (shape, dtype) of one stored environment step: image (uint8 HWC) when
-    image_size > 0, vector when vector_dim > 0."""
+    image_size > 0, vector when vector_dim > 0, and with `context` = (deter size, latents) the
+    step's posterior (train.replay_context): deter in bf16 (half the memory; it only seeds the
+    next sequence) and the latents' class indices."""
     spec = {
         "action": ((), torch.int64),
         "reward": ((), torch.float32),
@@ -29,6 +33,9 @@ def transition_spec(image_size: int, vector_dim: int) -> dict[str, tuple[tuple, 
         spec["image"] = ((image_size, image_size, 3), torch.uint8)
     if vector_dim:
         spec["vector"] = ((vector_dim,), torch.float32)
+    if context:
+        spec["deter"] = ((context[0],), torch.bfloat16)
+        spec["stoch"] = ((context[1],), torch.int16)
     return spec
 
 
@@ -90,6 +97,12 @@ class Replay:
     ) -> dict[str, Tensor]:
         """Uniform over every window of `length` steps that does not cross the write head.
         Returns {key: (batch, length, ...)}."""
+        return self.gather(*self.sample_indices(batch, length, generator))
+
+    def sample_indices(
+        self, batch: int, length: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The rows (slot t, env e) of `sample`'s windows, each (batch, length)."""
         held = torch.clamp(self._count, max=self.slots)
         oldest = self._count - held  # logical index of the oldest step held
         starts = held - length + 1  # valid window starts per environment
@@ -97,5 +110,13 @@ class Replay:
         start = oldest + (u * starts).long().clamp(max=starts - 1)
         env = torch.randint(self.num_envs, (batch,), device=self.device, generator=generator)
         t = (start[:, None] + torch.arange(length, device=self.device)) % self.slots  # (B, T)
-        e = env[:, None].expand(batch, length)
+        return t, env[:, None].expand(batch, length)
+
+    def gather(self, t: Tensor, e: Tensor) -> dict[str, Tensor]:
         return {k: v[t, e] for k, v in self.data.items()}
+
+    def write(self, t: Tensor, e: Tensor, values: dict[str, Tensor]) -> None:
+        """Overwrites fields of stored rows (the posteriors of replay context), no host sync.
+        Where a row appears twice (overlapping windows) one of the values wins."""
+        for k, v in values.items():
+            self.data[k].index_put_((t, e), v.to(self.data[k].dtype))

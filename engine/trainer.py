@@ -168,8 +168,10 @@ class Trainer:
             self.progress.write(f"note: log.dream_video: no dream videos with {why}")
 
     def _replay_spec(self):
+        cfg = self.cfg
+        context = (cfg.deter, cfg.models.encoder.mlp.latents) if cfg.train.replay_context else None
         return transition_spec(
-            self.cfg.image_size, self.env.vector_dim if self.cfg.env.vector else 0
+            cfg.image_size, self.env.vector_dim if cfg.env.vector else 0, context
         )
 
     # ---- The loop -----------------------------------------------------------------------------
@@ -270,7 +272,10 @@ class Trainer:
             action = torch.from_numpy(self.rng.integers(self.env.num_actions, size=len(action)))
             action = action.to(self.device)
             self._carry = self._carry[:2] + (dists.onehot(action, self.env.num_actions),)
-        self.replay.add({**obs_t, "action": action})
+        step = {**obs_t, "action": action}
+        if self.cfg.train.replay_context:  # the posterior at this step seeds the next sequence
+            step.update(deter=self._carry[0], stoch=self._carry[1].argmax(-1))
+        self.replay.add(step)
         self._track_episodes(self._obs)
         action = action.cpu().numpy()
         if self._env_thread is None:
@@ -302,7 +307,7 @@ class Trainer:
         return (
             c["env_steps"] >= self.train_from
             and c["episodes"] - self.episodes_at_start >= t.min_buffer_episodes
-            and self.replay.can_sample(t.sequence_length)
+            and self.replay.can_sample(t.sequence_length + t.replay_context)
         )
 
     def _to_device(self, obs: dict[str, np.ndarray]) -> dict[str, Tensor]:
@@ -461,6 +466,7 @@ class Trainer:
             eval_returns=returns.tolist(),
             eval_length=float(lengths.mean()),
             eval_terminated=int(episodes.terminal.sum()),
+            **{f"eval_{k}": int(m.sum()) for k, m in ends.items() if k != "terminated"},
         )
         self.progress.write(
             f"step {c['step']} env_steps {c['env_steps']}: "

@@ -42,6 +42,7 @@ class WorldModel(nn.Module):
         self.num_actions, self.unimix, self.free_bits = num_actions, m.unimix, m.free_bits
         self.scales = cfg.train  # beta_* and *_scale: the loss weights
         self.use_image, self.use_vector = cfg.env.image, cfg.env.vector
+        self.twohot_space, init = m.twohot_space, m.init
         units, size = m.d_hidden, cnn.target_size[0]
         feat = self.deter + self.stoch
         token_dim = 0
@@ -56,26 +57,34 @@ class WorldModel(nn.Module):
                 cnn.kernel_size,
                 size,
                 sigmoid=cnn.activation == "sigmoid",
+                init=init,
             )
             token_dim += self.image_encoder.out_dim
         if self.use_vector:
-            self.vector_encoder = MLP(vector_dim, units, mlp.n_layers)
-            self.vector_decoder = MLP(feat, units, mlp.n_layers, vector_dim)
+            self.vector_encoder = MLP(vector_dim, units, mlp.n_layers, init=init)
+            self.vector_decoder = MLP(feat, units, mlp.n_layers, vector_dim, init=init)
             token_dim += units
-        self.core = BlockGRU(self.deter, self.stoch, num_actions, units, m.rnn.n_blocks, kernels)
+        self.core = BlockGRU(
+            self.deter, self.stoch, num_actions, units, m.rnn.n_blocks, kernels, init
+        )
         # The posterior's first layer acts on concat(deter, token); it is split in two so the
         # token half runs once over all T steps (in `encode`) instead of inside the observe loop,
-        # where each step would also write its own full-size weight gradient.
+        # where each step would also write its own full-size weight gradient. Both halves are
+        # initialised with the fan-in of the whole layer.
         fan_in = self.deter + token_dim
-        self.post_token = Linear(token_dim, units, bias=False, outscale=token_dim / fan_in)
-        self.post_deter = Linear(self.deter, units, outscale=self.deter / fan_in)
-        self.post_out = nn.Sequential(RMSNorm(units), nn.SiLU(), Linear(units, self.stoch))
-        self.prior_net = MLP(self.deter, units, 2, self.stoch)
+        self.post_token = Linear(token_dim, units, bias=False, init=init, fan_in=fan_in)
+        self.post_deter = Linear(self.deter, units, init=init, fan_in=fan_in)
+        self.post_out = nn.Sequential(
+            RMSNorm(units), nn.SiLU(), Linear(units, self.stoch, init=init)
+        )
+        self.prior_net = MLP(self.deter, units, 2, self.stoch, init=init)
         # Zero-initialised outputs (official outscale 0): random initial reward predictions are
         # how dream values explode (the archive saw 8.9e7).
-        self.reward_head = MLP(feat, units, m.head_layers, m.num_bins, outscale=0.0)
-        self.cont_head = MLP(feat, units, m.head_layers, 1)
-        self.register_buffer("bins", dists.make_bins(m.num_bins), persistent=False)
+        self.reward_head = MLP(feat, units, m.head_layers, m.num_bins, outscale=0.0, init=init)
+        self.cont_head = MLP(feat, units, m.head_layers, 1, init=init)
+        self.register_buffer(
+            "bins", dists.make_bins(m.num_bins, space=m.twohot_space), persistent=False
+        )
 
     # ---- RSSM -------------------------------------------------------------------------------
 
@@ -151,17 +160,25 @@ class WorldModel(nn.Module):
         return self.prior_net(deter).float().unflatten(-1, (self.L, self.K))
 
     def observe(
-        self, tokens: Tensor, actions: Tensor, is_first: Tensor
+        self,
+        tokens: Tensor,
+        actions: Tensor,
+        is_first: Tensor,
+        start: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Posterior over a sequence from a zero state. tokens (B, T, E), actions (B, T, A) one-hot
-        (the action taken AT each step), is_first (B, T).
+        """Posterior over a sequence. tokens (B, T, E), actions (B, T, A) one-hot (the action
+        taken AT each step), is_first (B, T). `start` = (deter, stoch, action) of the step before
+        the sequence (replay context); without it the sequence starts from a zero state.
         Returns deter (B, T, D), stoch (B, T, L, K), logits (B, T, L, K)."""
         B, T = is_first.shape
-        deter, stoch = self.initial(B, tokens.device)
-        prev_action = torch.zeros_like(actions[:, 0])
-        # Each sampled sequence starts from a zero state, as if an episode began there.
-        is_first = is_first.clone()
-        is_first[:, 0] = True
+        if start is None:
+            deter, stoch = self.initial(B, tokens.device)
+            prev_action = torch.zeros_like(actions[:, 0])
+            # Each sampled sequence starts from a zero state, as if an episode began there.
+            is_first = is_first.clone()
+            is_first[:, 0] = True
+        else:
+            deter, stoch, prev_action = start
         deters, stochs, logits = [], [], []
         taps = inputs = None
         if self.batched_wgrad and torch.is_grad_enabled():
@@ -198,16 +215,26 @@ class WorldModel(nn.Module):
     def feat(deter: Tensor, stoch: Tensor) -> Tensor:
         return torch.cat([deter, stoch.flatten(-2)], -1)
 
+    def reward(self, feat: Tensor) -> Tensor:
+        """Predicted reward (the reward head's two-hot expectation), fp32."""
+        return dists.twohot_mean(self.reward_head(feat).float(), self.bins, self.twohot_space)
+
+    def cont_prob(self, feat: Tensor) -> Tensor:
+        """Predicted probability that the episode continues, fp32: in bf16 a probability of
+        0.998 rounds to 0.996, a step as large as 1 - gamma."""
+        return torch.sigmoid(self.cont_head(feat).squeeze(-1).float())
+
     # ---- Loss -------------------------------------------------------------------------------
 
     def loss(
-        self, batch: dict[str, Tensor]
+        self, batch: dict[str, Tensor], start: tuple[Tensor, Tensor, Tensor] | None = None
     ) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, Tensor]]:
-        """World-model loss on a replay batch (B, T, ...). Returns the scalar loss, metrics (0-dim
-        tensors, still on the device) and the posterior (deter, stoch), for imagination starts."""
+        """World-model loss on a replay batch (B, T, ...), from `start` (see `observe`). Returns
+        the scalar loss, metrics (0-dim tensors, still on the device) and the posterior (deter,
+        stoch), for imagination starts."""
         actions = dists.onehot(batch["action"], self.num_actions)
         tokens = self.encode(batch)
-        deter, stoch, post_logits = self.observe(tokens, actions, batch["is_first"])
+        deter, stoch, post_logits = self.observe(tokens, actions, batch["is_first"], start)
         total, metrics = self.loss_terms(batch, deter, stoch, post_logits)
         return total, metrics, (deter.detach(), stoch.detach())
 
@@ -235,12 +262,15 @@ class WorldModel(nn.Module):
             pred = pred + sc.vector_scale * sq.sum(-1)
             metrics["vector_loss"] = sq.mean().detach()
         rew_logits = self.reward_head(feat)
-        reward_loss = dists.twohot_loss(rew_logits, batch["reward"], self.bins, impl=self.kernels)
+        reward_loss = dists.twohot_loss(
+            rew_logits, batch["reward"], self.bins, impl=self.kernels, space=self.twohot_space
+        )
         cont_target = (~batch["is_terminal"]).float()
-        cont_loss = -dists.bernoulli_logprob(self.cont_head(feat).squeeze(-1), cont_target)
+        cont_logit = self.cont_head(feat).squeeze(-1).float()
+        cont_loss = -dists.bernoulli_logprob(cont_logit, cont_target)
         pred = pred + sc.reward_scale * reward_loss + sc.cont_scale * cont_loss
         total = (sc.beta_pred * pred + sc.beta_dyn * dyn + sc.beta_rep * rep).mean()
-        floor = dists.twohot_floor(batch["reward"], self.bins)
+        floor = dists.twohot_floor(batch["reward"], self.bins, self.twohot_space)
         metrics.update(
             wm_loss=total.detach(),
             reward_loss=reward_loss.mean().detach(),

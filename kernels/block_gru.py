@@ -103,7 +103,7 @@ def block_gru_reference(
     if taps is not None:
         h = h + taps[0]
     ms = h.float().square().mean(-1, keepdim=True)
-    h = F.silu((h * torch.rsqrt(ms + eps)).to(h.dtype) * norm_w)
+    h = F.silu((h * torch.rsqrt(ms + eps)).to(h.dtype) * norm_w.to(h.dtype))
     hb = h.reshape(-1, g, h.shape[-1] // g).transpose(0, 1)  # (G, N, Hb)
     gates = torch.bmm(hb, w_gru).transpose(0, 1).reshape(*lead, -1) + b_gru
     if taps is not None:

@@ -115,7 +115,10 @@ def test_bf16_update_tracks_fp32():
     drop_ref = ref[0]["wm_loss"] - ref[-1]["wm_loss"]
     drop = got[0]["wm_loss"] - got[-1]["wm_loss"]
     assert drop_ref > 10 and drop == pytest.approx(drop_ref.item(), rel=0.25)
-    for k in ("image_loss", "reward_loss", "critic_loss", "wm_grad_norm"):
+    # Not wm_grad_norm (see above): since the norms keep bf16 activations in bf16 (an fp32 norm
+    # weight used to promote them) it ends 0.6-1.2x the fp32 norm after 30 steps, as the fp32
+    # norm itself moves 1.7x between two seeds of the batch sampling.
+    for k in ("image_loss", "reward_loss", "critic_loss"):
         assert got[-1][k] == pytest.approx(ref[-1][k].item(), rel=0.1), k
 
 
