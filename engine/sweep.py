@@ -2,7 +2,9 @@
 
 `python -m engine.sweep --config C --grid train.batch_size=8,16 --seeds 3 [--parallel N]`:
 every combination of the `--grid` values times the seeds 0..N-1 is one `engine.run` process with
-its own run directory under the sweep directory. The state lives in `sweep.json`, so re-running
+its own run directory under the sweep directory. `--arm NAME:KEY=V;KEY=V` (repeatable) adds named
+sets of overrides as one more grid dimension `arm`, for ablations where each arm changes several
+keys at once (`--arm base:` is the config as it is). The state lives in `sweep.json`, so re-running
 the same command finishes what is missing (done runs are skipped, interrupted runs resume from
 their checkpoint, failed ones restart in a clean directory), and `summary.csv`/`summary.md`
 tabulate the losses and returns of every run and the mean +- std over seeds of every setting.
@@ -51,6 +53,7 @@ from engine.report import SUMMARY_LOSSES
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_KEY = "general.seed"
+ARM_KEY = "arm"  # the grid dimension of --arm: its values are arm names, not config values
 STEPS_KEY = "train.max_train_steps"
 # Train-record metrics tabulated (final and best) when a run logs them; best is the minimum,
 # except for these, where more is better.
@@ -88,10 +91,11 @@ class Plan:
     max_steps: int | None
     overrides: list[str]
     runs: list[RunSpec]
+    arms: dict[str, list[str]] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """What must match for a sweep directory to be continued by this command."""
-        return dict(
+        ident = dict(
             config=self.config_abs,
             config_hash=self.config_hash,
             grid=[[k, list(v)] for k, v in self.grid],
@@ -99,6 +103,9 @@ class Plan:
             max_steps=self.max_steps,
             overrides=list(self.overrides),
         )
+        if self.arms:  # absent without arms, so older sweep directories still continue
+            ident["arms"] = {k: list(v) for k, v in self.arms.items()}
+        return ident
 
 
 def split_values(text: str) -> list[str]:
@@ -141,6 +148,27 @@ def parse_grid(spec: str, base: Config) -> tuple[str, list[str]]:
     return key, values
 
 
+def parse_arm(spec: str, base: Config) -> tuple[str, list[str]]:
+    """`NAME:KEY=V;KEY=V` -> (NAME, ["KEY=V", ...]); each item checked like a `--set`."""
+    src = f"--arm {spec}"
+    name, _, body = spec.partition(":")
+    name = name.strip()
+    if not name or safe_value(name) != name:
+        raise SweepError(f"{src}: the arm needs a name of [A-Za-z0-9._+-] before ':'")
+    items = [item.strip() for item in body.split(";") if item.strip()]
+    keys = [_key_of(item) for item in items]
+    for item, key in zip(items, keys):
+        if "=" not in item:
+            raise SweepError(f"{src}: expected KEY=VALUE, got {item!r}")
+        if keys.count(key) > 1:
+            raise SweepError(f"{src}: '{key}' is set twice")
+        try:
+            apply_overrides(copy.deepcopy(base), [item])
+        except ConfigError as e:
+            raise SweepError(f"{src}: {str(e).removeprefix(f'--set {item}: ')}") from None
+    return name, items
+
+
 def short_keys(keys: list[str]) -> dict[str, str]:
     """The shortest dotted suffix of each key that no other key ends with (usually the leaf)."""
     out = {}
@@ -179,8 +207,14 @@ def run_names(grid_keys: list[str], combos: list[tuple[dict[str, str], int]]) ->
     ]
 
 
-def expand(grid: list[tuple[str, list[str]]], seeds: int, fixed: list[str]) -> list[RunSpec]:
-    """Cartesian product of the grid values, seeds innermost; each run's full `--set` list."""
+def expand(
+    grid: list[tuple[str, list[str]]],
+    seeds: int,
+    fixed: list[str],
+    arms: dict[str, list[str]] | None = None,
+) -> list[RunSpec]:
+    """Cartesian product of the grid values, seeds innermost; each run's full `--set` list.
+    The `arm` dimension's values name entries of `arms`, whose overrides stand in for them."""
     keys = [k for k, _ in grid]
     combos = [
         (dict(zip(keys, values)), seed)
@@ -188,12 +222,18 @@ def expand(grid: list[tuple[str, list[str]]], seeds: int, fixed: list[str]) -> l
         for seed in range(seeds)
     ]
     names = run_names(keys, combos)
+
+    def items(k: str, v: str) -> list[str]:
+        return list(arms[v]) if k == ARM_KEY else [f"{k}={v}"]
+
     return [
         RunSpec(
             name=name,
             settings=settings,
             seed=seed,
-            overrides=fixed + [f"{k}={v}" for k, v in settings.items()] + [f"{SEED_KEY}={seed}"],
+            overrides=fixed
+            + [i for k, v in settings.items() for i in items(k, v)]
+            + [f"{SEED_KEY}={seed}"],
         )
         for name, (settings, seed) in zip(names, combos)
     ]
@@ -209,6 +249,7 @@ def build_plan(
     seeds: int,
     max_steps: int | None,
     overrides: list[str],
+    arm_specs: list[str] = (),
 ) -> Plan:
     """Parse and validate everything, every combination included, before anything runs."""
     if seeds < 1:
@@ -237,7 +278,21 @@ def build_plan(
             what = "--max-steps" if key == STEPS_KEY and max_steps is not None else "--set"
             raise SweepError(f"--grid {spec}: '{key}' is also given by {what}")
         grid.append((key, values))
-    runs = expand(grid, seeds, fixed)
+    arms: dict[str, list[str]] = {}
+    for spec in arm_specs:
+        name, items = parse_arm(spec, base)
+        if name in arms:
+            raise SweepError(f"--arm {spec}: another arm is named '{name}'")
+        for item in items:
+            key = _key_of(item)
+            if key in (k for k, _ in grid) or key in (_key_of(o) for o in fixed):
+                raise SweepError(f"--arm {spec}: '{key}' is also given by --grid or --set")
+            if key == SEED_KEY:
+                raise SweepError(f"--arm {spec}: the seeds come from --seeds (0..N-1)")
+        arms[name] = items
+    if arms:
+        grid.insert(0, (ARM_KEY, list(arms)))
+    runs = expand(grid, seeds, fixed, arms)
     checked = set()
     for run in runs:
         combo = tuple(run.settings.items())
@@ -259,6 +314,7 @@ def build_plan(
         max_steps=max_steps,
         overrides=list(overrides),
         runs=runs,
+        arms=arms,
     )
 
 
@@ -339,7 +395,7 @@ def open_sweep(out: Path, plan: Plan) -> SweepState:
         doc = json.loads(path.read_text())
         old = {r["name"]: r for r in doc["runs"]}
         known = {f.name for f in dataclasses.fields(RunRecord)}
-        identity = {k: doc[k] for k in fresh.identity}
+        identity = {k: doc.get(k) for k in fresh.identity}
         kept = {n: RunRecord(**{k: v for k, v in r.items() if k in known}) for n, r in old.items()}
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise SweepError(f"{path}: unreadable sweep state ({type(e).__name__}: {e})") from None
@@ -745,6 +801,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=V1,V2,...",
         help="values of one key to sweep, parsed like --set values (repeatable: cartesian product)",
     )
+    p.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=V;KEY=V",
+        help="a named set of overrides (repeatable): the arms are one more grid dimension",
+    )
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per setting (default 1)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--max-steps", type=int, help="train.max_train_steps of every run")
@@ -769,7 +832,7 @@ def sweep(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parallel < 1:
         raise SweepError(f"--parallel {args.parallel}: must be >= 1")
-    plan = build_plan(args.config, args.grid, args.seeds, args.max_steps, args.overrides)
+    plan = build_plan(args.config, args.grid, args.seeds, args.max_steps, args.overrides, args.arm)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("sweeps") / f"{Path(args.config).stem}_{stamp}"
     open_sweep(out, plan)  # refuses a foreign directory before touching it

@@ -17,6 +17,7 @@ import pytest
 from engine.sweep import (
     MAX_NAME,
     RunRecord,
+    SweepError,
     SweepState,
     _still_running,
     build_plan,
@@ -95,6 +96,52 @@ def test_grid_expansion_names_and_overrides():
     ]
     assert plan.runs[-1].settings == {"train.batch_size": "4", "models.d_hidden": "32"}
     assert plan.runs[-1].seed == 1
+
+
+def test_arms_are_one_more_grid_dimension_with_their_own_overrides():
+    plan = build_plan(
+        "configs/tiny.toml",
+        ["train.batch_size=2,4"],
+        seeds=2,
+        max_steps=None,
+        overrides=[],
+        arm_specs=["base:", "opt:train.optimizer=laprop;train.agc=0.3"],
+    )
+    assert [r.name for r in plan.runs][:4] == [
+        "arm=base,batch_size=2,seed=0",
+        "arm=base,batch_size=2,seed=1",
+        "arm=base,batch_size=4,seed=0",
+        "arm=base,batch_size=4,seed=1",
+    ]
+    opt = [r for r in plan.runs if r.settings["arm"] == "opt"][0]
+    assert opt.overrides == [
+        "train.optimizer=laprop",
+        "train.agc=0.3",
+        "train.batch_size=2",
+        "general.seed=0",
+    ]
+    assert plan.identity()["arms"] == {
+        "base": [],
+        "opt": ["train.optimizer=laprop", "train.agc=0.3"],
+    }
+    assert "arms" not in build_plan("configs/tiny.toml", [], 1, None, []).identity()
+
+
+@pytest.mark.parametrize(
+    "arms, words",
+    [
+        (["a:train.optimizer=sgd"], "must be adam|laprop"),
+        (["a:train.nope=1"], "unknown key"),
+        (["a:train.agc=0.3", "a:train.agc=0.1"], "another arm is named 'a'"),
+        (["a b:train.agc=0.3"], "needs a name"),
+        (["a:train.agc=0.3;train.agc=0.1"], "set twice"),
+        (["a:train.batch_size=4"], "also given by --grid or --set"),
+        (["a:general.seed=3"], "seeds come from --seeds"),
+    ],
+)
+def test_bad_arms_are_refused_before_any_run(arms, words):
+    with pytest.raises(SweepError, match=words):
+        build_plan("configs/tiny.toml", ["train.batch_size=2,4"], 1, None, [], arms)
 
 
 def test_a_seed_only_sweep_needs_no_grid():
