@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.config import ConfigError, add_set_option, load_config
+
 MODES = {
     "eager": [],
     "compile": ["general.compile=true"],
@@ -50,7 +52,9 @@ def synthetic_replay(cfg, agent_device, num_actions: int, vector_dim: int, steps
 
     n = cfg.env.num_envs
     s = cfg.image_size
-    spec = transition_spec(s, vector_dim if cfg.env.vector else 0)
+    latents = cfg.models.encoder.mlp.latents
+    context = (cfg.deter, latents) if cfg.train.replay_context else None
+    spec = transition_spec(s, vector_dim if cfg.env.vector else 0, context)
     replay = Replay(max(steps * n, cfg.train.replay_buffer_size), n, spec, agent_device)
     g = torch.Generator().manual_seed(0)
     age = torch.zeros(n, dtype=torch.int64)
@@ -68,16 +72,26 @@ def synthetic_replay(cfg, agent_device, num_actions: int, vector_dim: int, steps
             step["image"] = ramp[:, None, :, None].expand(n, s, s, 3).to(torch.uint8)
         if cfg.env.vector:
             step["vector"] = torch.randn(n, vector_dim, generator=g)
+        if context:
+            step["deter"] = torch.randn(n, cfg.deter, generator=g)
+            step["stoch"] = torch.randint(cfg.models.encoder.mlp.latent_categories, (n, latents))
         replay.add({k: v.to(agent_device) for k, v in step.items()})
         age = torch.where(last, 0, age + 1)
     return replay
 
 
 def measure(
-    config: str, mode: str, batch: int, length: int, updates: int, trace_dir: str | None = None
+    config: str,
+    mode: str,
+    batch: int,
+    length: int,
+    updates: int,
+    trace_dir: str | None = None,
+    extra: list[str] = (),
 ) -> dict:
-    """One mode at one shape, in this process. With `trace_dir`, five more updates are then
-    recorded by torch.profiler into TRACE_DIR/trace_MODE_BxT.json (profiling/summarize.py)."""
+    """One mode at one shape, in this process, with `extra` --set overrides. With `trace_dir`,
+    five more updates are then recorded by torch.profiler into TRACE_DIR/trace_MODE_BxT.json
+    (profiling/summarize.py)."""
     import torch
 
     from engine import fast
@@ -85,7 +99,12 @@ def measure(
     from engine.config import load_config
     from engine.trainer import resolve_device
 
-    overrides = [f"train.batch_size={batch}", f"train.sequence_length={length}", *MODES[mode]]
+    overrides = [
+        *extra,
+        f"train.batch_size={batch}",
+        f"train.sequence_length={length}",
+        *MODES[mode],
+    ]
     cfg = load_config(config, overrides)
     device, _ = resolve_device(cfg.general.device)
     opts, notices = fast.resolve(cfg.general, device)
@@ -216,19 +235,20 @@ def main(argv: list[str] | None = None) -> None:
         "--trace-dir",
         help="also record 5 updates per run with torch.profiler: DIR/trace_MODE_BxT.json",
     )
+    add_set_option(p, "config override for every measurement (e.g. train.optimizer=laprop)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "mode,B,T" in this process
     args = p.parse_args(argv)
 
     if args.one:
         mode, b, t = args.one.split(",")
-        rec = measure(args.config, mode, int(b), int(t), args.updates, args.trace_dir)
+        rec = measure(
+            args.config, mode, int(b), int(t), args.updates, args.trace_dir, args.overrides
+        )
         print(json.dumps(rec))
         return
 
-    from engine.config import ConfigError, load_config
-
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     modes = args.modes.split(",")
@@ -260,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
             ]
             if args.trace_dir:
                 cmd += ["--trace-dir", args.trace_dir]
+            for item in args.overrides:
+                cmd += ["--set", item]
             env = dict(os.environ)
             if not args.warm_cache:  # compile_sec is a cold compile unless asked otherwise
                 env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
@@ -279,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
 
         meta = dict(
             config=args.config,
+            overrides=args.overrides,
             date=time.strftime("%Y-%m-%d %H:%M:%S"),
             commit=_commit(),
             torch=torch.__version__,
