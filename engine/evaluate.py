@@ -4,11 +4,16 @@ saved checkpoint on fresh episodes.
 `python -m engine.evaluate RUN_DIR [--checkpoint best|latest] [--episodes 50] [--seed S]
 [--policy mode|sample] [--device cpu|cuda|auto] [--json FILE]`
 
+RUN_DIR is a training run's directory or an agent written by `python -m engine.export`.
+
 The trainer's evaluations replay the same `log.eval_episodes` start states each time and keep the
 best one as best.pt, so the best eval of a long run is the maximum of many noisy figures. This
 command plays new episodes (by default seed general.seed + 30000, which no training or eval env
 uses) with the checkpoint's policy and prints the mean, spread and how many reach the task's
-solved return.
+solved return, and how the episodes ended (`episode_ends`).
+
+torch is imported inside the functions that need it: engine.report reads `END_KINDS` and
+`END_TEXT` from here and never imports torch.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import numpy as np
-import torch
-from torch import Tensor
 
 if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
     from engine.agent import Agent
     from engine.config import Config
 
@@ -41,6 +47,54 @@ class RunError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # Episodes.
+
+
+# How an episode ended, in display order. LunarLander-v3 ends by termination when the lander
+# comes to rest (the last reward is +100: it replaces that step's shaping) or crashes / flies off
+# the sides (-100); a CartPole-v1 termination is the pole falling (or the cart leaving the
+# track). Both are cut at their time limit (1,000 and 500 steps), where the last reward is
+# LunarLander's shaping (a few units either way) or CartPole's 1.
+END_KINDS: dict[str, tuple[str, ...]] = {"LunarLander-v3": ("rest", "crash", "time_limit")}
+DEFAULT_END_KINDS = ("terminated", "time_limit")
+END_TEXT = {
+    "rest": "rest",
+    "crash": "crash",
+    "terminated": "terminated",
+    "time_limit": "at the time limit",
+}
+
+
+def end_kinds(task: str) -> tuple[str, ...]:
+    """The ways an episode of `task` can end, in display order."""
+    return END_KINDS.get(task, DEFAULT_END_KINDS)
+
+
+def episode_ends(task: str, terminal: np.ndarray, last_reward: np.ndarray) -> dict[str, Any]:
+    """How each episode ended: {kind: boolean mask over the episodes}, keys `end_kinds(task)` in
+    order; every episode is in exactly one. LunarLander-v3: "rest" (terminated, last reward > 0),
+    "crash" (terminated, last reward <= 0), "time_limit"; other tasks: "terminated",
+    "time_limit". `terminal`: ended by the task (True) or cut at its time limit (False)."""
+    terminal = np.asarray(terminal, dtype=bool)
+    last_reward = np.asarray(last_reward, dtype=float)
+    if terminal.shape != last_reward.shape:
+        raise ValueError(f"terminal {terminal.shape} and last_reward {last_reward.shape} differ")
+    kinds = end_kinds(task)
+    if "rest" in kinds:
+        masks = dict(rest=terminal & (last_reward > 0), crash=terminal & ~(last_reward > 0))
+    else:
+        masks = dict(terminated=terminal)
+    masks["time_limit"] = ~terminal
+    return {k: masks[k] for k in kinds}
+
+
+def end_labels(ends: dict[str, Any]) -> list[str]:
+    """Per episode, the kind of its end, from `episode_ends`' masks."""
+    n = len(next(iter(ends.values())))
+    labels = [""] * n
+    for kind, mask in ends.items():
+        for i in np.flatnonzero(mask):
+            labels[i] = kind
+    return labels
 
 
 class Episodes(NamedTuple):
@@ -64,6 +118,8 @@ def play_episodes(
     `record(obs, action)` (optional) sees env 0's observation and the action chosen for it at each
     step until it returns False, then once more with the episode's last observation and action 0
     if env 0's episode ended while it was still recording."""
+    import torch
+
     obs = env.reset()
     device = next(agent.parameters()).device
     carry = agent.initial_carry(env.num_envs, device)
@@ -106,25 +162,16 @@ class LoadedRun:
     seed: int  # their seed
 
 
-def load_run(
-    run_dir: Path,
-    which: str | None,
-    device_pref: str | None,
-    num_envs: int,
-    seed: int | None,
-    seed_offset: int,
-    processes: bool = False,
-) -> LoadedRun:
-    """The agent of `run_dir`'s checkpoint `which` ("best" or "latest"; default best.pt, else
-    latest.pt), in eval mode, eager fp32 on the plain torch kernels (the parameters are the same
-    on every path), and `num_envs` envs of the run's task to play in, seeded `seed` (default
-    general.seed + seed_offset); worker processes if `processes` and the run used them. Prints
-    the device notice, if any; raises RunError with a one-line message."""
+def read_checkpoint(run_dir: Path, which: str | None) -> tuple[Path, dict[str, Any], Config]:
+    """`run_dir`'s checkpoint `which` ("best" or "latest"; default best.pt, else latest.pt): its
+    path, its contents (on the CPU) and the run's config (RUN_DIR/config.toml, else the one
+    saved in the checkpoint). Only the "agent" entry is required (and "counters" read if
+    present): an agent written by engine.export has no optimizer, RNG or replay state. Raises
+    RunError with a one-line message."""
+    import torch
+
     from engine import checkpoint
-    from engine.agent import Agent
     from engine.config import ConfigError, from_dict, load_config
-    from engine.envs import EnvError, make_env
-    from engine.trainer import resolve_device
 
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run directory")
@@ -148,6 +195,30 @@ def load_run(
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RunError(f"{path}: cannot read the checkpoint: {first}") from None
+    return path, state, cfg
+
+
+def load_run(
+    run_dir: Path,
+    which: str | None,
+    device_pref: str | None,
+    num_envs: int,
+    seed: int | None,
+    seed_offset: int,
+    processes: bool = False,
+) -> LoadedRun:
+    """The agent of `run_dir`'s checkpoint `which` ("best" or "latest"; default best.pt, else
+    latest.pt; see read_checkpoint), in eval mode, eager fp32 on the plain torch kernels (the
+    parameters are the same on every path), and `num_envs` envs of the run's task to play in,
+    seeded `seed` (default general.seed + seed_offset); worker processes if `processes` and the
+    run used them. Prints the device notice, if any; raises RunError with a one-line message."""
+    import torch
+
+    from engine.agent import Agent
+    from engine.envs import EnvError, make_env
+    from engine.trainer import resolve_device
+
+    path, state, cfg = read_checkpoint(run_dir, which)
     device, notice = resolve_device(device_pref or cfg.general.device)
     if notice:  # no CUDA device: training-time notice, printed once here
         print(notice, file=sys.stderr)
@@ -212,14 +283,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def summary(episodes: Episodes, target: float) -> dict[str, Any]:
+def summary(episodes: Episodes, target: float, task: str = "") -> dict[str, Any]:
+    """The figures of `episodes` of `task`, as the JSON record carries them: per end kind (see
+    episode_ends) its count `KIND` and mean return `KIND_mean` (None without episodes), also as
+    `end_counts`; per episode `end`. `terminated`/`terminated_mean` are there for every task."""
     returns, lengths, terminal, last = episodes
-    cut = ~terminal
+    ends = episode_ends(task, terminal, last)
+    groups = dict(ends, terminated=terminal)
 
     def mean(x: np.ndarray) -> float | None:
         return float(x.mean()) if len(x) else None
 
-    return dict(
+    s = dict(
         episodes=len(returns),
         mean=float(returns.mean()),
         std=float(returns.std()),
@@ -229,25 +304,29 @@ def summary(episodes: Episodes, target: float) -> dict[str, Any]:
         target=target,
         at_target=int((returns >= target).sum()),
         mean_length=float(lengths.mean()),
-        terminated=int(terminal.sum()),
-        terminated_mean=mean(returns[terminal]),
-        time_limit=int(cut.sum()),
-        time_limit_mean=mean(returns[cut]),
+    )
+    for kind, mask in groups.items():
+        s[kind] = int(mask.sum())
+        s[f"{kind}_mean"] = mean(returns[mask])
+    s["end_counts"] = {kind: int(mask.sum()) for kind, mask in ends.items()}
+    s.update(
         returns=[float(r) for r in returns],
         lengths=[int(n) for n in lengths],
         terminal=[bool(t) for t in terminal],
         last_rewards=[float(r) for r in last],
+        end=end_labels(ends),
     )
+    return s
 
 
 def ends_text(s: dict[str, Any]) -> str:
-    """'ends: 31 terminated (mean return 160.2), 19 at the time limit (mean 95.0)'."""
-    parts = []
-    for n, m, what in (
-        (s["terminated"], s["terminated_mean"], "terminated"),
-        (s["time_limit"], s["time_limit_mean"], "at the time limit"),
-    ):
-        parts.append(f"{n} {what}" + (f" (mean return {m:.1f})" if n else ""))
+    """'ends: 35 rest (mean return 206.2), 8 crash (mean -66.1), 7 at the time limit (mean
+    29.2)' from summary's figures, the kinds in `end_counts`' order."""
+    parts, what = [], "mean return"  # the first mean says what it is
+    for kind in s["end_counts"]:
+        n, m = s[kind], s[f"{kind}_mean"]
+        parts.append(f"{n} {END_TEXT[kind]}" + (f" ({what} {m:.1f})" if n else ""))
+        what = "mean" if n else what
     return "ends: " + ", ".join(parts)
 
 
@@ -257,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--episodes must be >= 1, got {args.episodes}")
     if args.target is not None and not math.isfinite(args.target):
         fail(f"--target must be a finite number, got {args.target}")
+    import torch
+
     from engine.report import DEFAULT_TARGET, TASK_TARGETS
     from engine.transfer import ObsUploader
 
@@ -280,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         run.env.close()
     target = args.target if args.target is not None else TASK_TARGETS.get(e.name, DEFAULT_TARGET)
-    s = summary(episodes, target)
+    s = summary(episodes, target, e.name)
     policy = "greedy" if greedy else "sampled"
     print(
         f"{run.path} (step {run.step}), {s['episodes']} {policy} episodes of {e.name} from seed "

@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+# engine.evaluate imports torch only inside its functions: the report stays torch-free.
+from engine.evaluate import DEFAULT_END_KINDS, END_KINDS, END_TEXT, end_kinds
+
 # The eval return each task counts as solved (the summary's "first eval >= R" and the dashed line
 # in eval.png) unless --target says otherwise; DEFAULT_TARGET for a run of unknown task.
 TASK_TARGETS = {"CartPole-v1": 450.0, "LunarLander-v3": 200.0}
@@ -72,6 +75,8 @@ SUMMARY_LOSSES = (
     "critic_loss",
 )
 LINE_STYLES = ("-", "--", ":", "-.")
+# ends.png: one colour per way an eval episode can end (engine.evaluate.episode_ends).
+END_COLORS = {"rest": "C2", "crash": "C3", "terminated": "C4", "time_limit": "C1"}
 # Log scale once a panel's positive values span more than this factor.
 LOG_RATIO = 30.0
 
@@ -191,6 +196,34 @@ def wall_times(run: Run, records: Sequence[dict[str, Any]], by: str) -> Any:
     return np.where(np.isfinite(own), own, np.where(np.isfinite(at), guess, np.nan))
 
 
+def run_end_kinds(run: Run) -> tuple[str, ...] | None:
+    """The end kinds whose counts (`eval_<kind>`) the run's eval lines carry: its task's
+    (engine.evaluate.end_kinds), else (no config.toml, or a task logged without them) any known
+    set, longest first; None when they carry none (runs logged before these fields)."""
+    known = sorted({*END_KINDS.values(), DEFAULT_END_KINDS}, key=len, reverse=True)
+    own = [end_kinds(run.task)] if run.task else []
+    for kinds in (*own, *known):
+        if any(all(f"eval_{k}" in r for k in kinds) for r in run.evals):
+            return kinds
+    return None
+
+
+def end_counts(run: Run) -> tuple[tuple[str, ...], Any, Any, list[dict[str, Any]]]:
+    """(kinds, env steps (n,), counts (n, len(kinds)), records) of the eval lines that carry
+    every kind's count as a finite number with at least one episode; empty without any."""
+    kinds = run_end_kinds(run)
+    if kinds is None:
+        return (), np.zeros(0), np.zeros((0, 0)), []
+    rows, xs, recs = [], [], []
+    for r in run.evals:
+        counts = [num(r.get(f"eval_{k}")) for k in kinds]
+        if all(math.isfinite(c) and c >= 0 for c in counts) and sum(counts) > 0:
+            rows.append(counts)
+            xs.append(num(r.get("env_steps")))
+            recs.append(r)
+    return kinds, np.array(xs, dtype=float), np.array(rows, dtype=float), recs
+
+
 # --------------------------------------------------------------------------------------------
 # Summary.
 
@@ -249,6 +282,14 @@ def summarize(run: Run, target: float | None = None) -> str:
             lines.append(f"  first eval >= {target:g}: never")
     else:
         lines.append("  eval: none")
+    kinds, _, counts, recs = end_counts(run)
+    if len(recs):
+        last, n = recs[-1], counts[-1]
+        split = ", ".join(f"{int(c)} {END_TEXT[k]}" for k, c in zip(kinds, n))
+        lines.append(
+            f"  ends of the last eval (step {_fmt(num(last.get('step')))}, env step "
+            f"{_fmt(num(last.get('env_steps')))}): {split} (of {int(n.sum())} episodes)"
+        )
     _, ep = series(run.episodes, "episode_return")
     if len(ep):
         lines.append(
@@ -427,6 +468,59 @@ def plot_eval(runs: Sequence[Run], path: Path, target: float | None = None) -> b
     return True
 
 
+def _bar_widths(x: Any) -> Any:
+    """The gap to the nearer neighbouring eval (evals need not be evenly spaced), 0.9 of it for
+    up to 40 evals (apart bars), all of it beyond (touching bars, no moire); a lone eval, or two
+    at one env step, 5% of the largest env step."""
+    gaps = np.diff(x)
+    near = np.minimum(np.concatenate([[np.inf], gaps]), np.concatenate([gaps, [np.inf]]))
+    fallback = 0.05 * max(float(np.abs(x).max()), 1.0) if len(x) else 1.0
+    frac = 0.9 if len(x) <= 40 else 1.0
+    return np.where(np.isfinite(near) & (near > 0), frac * near, fallback)
+
+
+def plot_ends(runs: Sequence[Run], path: Path) -> bool:
+    """How the eval episodes ended: per run a panel of stacked bars, the share of each eval's
+    episodes that came to rest / crashed / ran into the time limit (LunarLander) or terminated /
+    ran into the time limit (CartPole), against env steps; one colour per kind. False when no
+    run's eval lines carry the counts."""
+    Figure, canvas = _figure_api()
+    drawn = [(run, end_counts(run)) for run in runs]
+    drawn = [(run, data) for run, data in drawn if len(data[3])]
+    if not drawn:
+        return False
+    fig, axes = _grid_figure(Figure, len(drawn), cols=2)
+    shown: dict[str, Any] = {}
+    for ax, (run, (kinds, x, counts, _)) in zip(axes, drawn):
+        ok = np.isfinite(x)
+        x, counts = x[ok], counts[ok]
+        order = np.argsort(x, kind="stable")
+        x, counts = x[order], counts[order]
+        shares = counts / counts.sum(1, keepdims=True)
+        width, bottom = _bar_widths(x), np.zeros(len(x))
+        for j, kind in enumerate(kinds):
+            bars = ax.bar(x, shares[:, j], width, bottom=bottom, color=END_COLORS[kind], lw=0)
+            shown.setdefault(kind, bars)
+            bottom += shares[:, j]
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{run.label}: how the eval episodes ended", fontsize=10)
+        ax.set_xlabel("env steps", fontsize=8)
+        ax.set_ylabel("share of eval episodes", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    order = [k for k in END_COLORS if k in shown]
+    fig.legend(
+        [shown[k] for k in order],
+        [END_TEXT[k] for k in order],
+        loc="outside lower center",
+        ncols=len(order),
+        fontsize=9,
+        frameon=False,
+    )
+    _save(fig, canvas, path)
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # The report.
 
@@ -460,6 +554,7 @@ def write_report(
         ("losses.png", lambda p: _panel_plot(runs, LOSS_PANELS, "world model and losses", p)),
         ("eval.png", lambda p: plot_eval(runs, p, target)),
         ("behavior.png", lambda p: _panel_plot(runs, BEHAVIOR_PANELS, "behaviour", p)),
+        ("ends.png", lambda p: plot_ends(runs, p)),
     ):
         if draw(out / name):
             written.append(out / name)
@@ -472,7 +567,7 @@ def write_report(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m engine.report",
-        description="Plots (losses.png, eval.png, behavior.png) and summary.txt from runs.",
+        description="Plots (losses.png, eval.png, behavior.png, ends.png) and summary.txt.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to overlay")
     p.add_argument(

@@ -28,7 +28,7 @@ from engine.config import (
     to_dict,
 )
 from engine.envs import make_env
-from engine.evaluate import play_episodes
+from engine.evaluate import episode_ends, play_episodes
 from engine.logger import MetricsLog, Progress, truncate_metrics
 from engine.nvtx import ProfileWindow, nvtx_range
 from engine.replay import Replay, transition_spec
@@ -459,6 +459,8 @@ class Trainer:
         episodes = play_episodes(self.agent, self.eval_env, self._to_device, greedy, record)
         returns, lengths = episodes.returns, episodes.lengths
         self.last_eval = float(returns.mean())
+        # LunarLander: eval_rest, eval_crash, eval_time_limit; other tasks: eval_time_limit.
+        ends = episode_ends(self.cfg.env.name, episodes.terminal, episodes.last_reward)
         self._record(
             "eval",
             eval_return=self.last_eval,

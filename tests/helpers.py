@@ -21,8 +21,11 @@ def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.Comple
     )
 
 
-def tiny_run(run_dir: Path) -> Path:
-    """Trains configs/tiny.toml into run_dir (12 updates, a few seconds) and returns run_dir."""
-    done = run_module("engine.run", "--config", "configs/tiny.toml", "--run-dir", str(run_dir))
+def tiny_run(run_dir: Path, *overrides: str) -> Path:
+    """Trains configs/tiny.toml into run_dir (12 updates, a few seconds) and returns run_dir;
+    `overrides` are --set values, e.g. 'env.name="LunarLander-v3"'."""
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    args = ("--config", "configs/tiny.toml", "--run-dir", str(run_dir), *sets)
+    done = run_module("engine.run", *args)
     assert done.returncode == 0, done.stderr
     return run_dir

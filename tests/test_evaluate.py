@@ -8,10 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+from engine import evaluate
 from engine.agent import Agent
 from engine.config import load_config
 from engine.envs import make_env
-from engine.evaluate import Episodes, RunError, ends_text, load_run, play_episodes, summary
+from engine.evaluate import (
+    Episodes,
+    RunError,
+    end_labels,
+    ends_text,
+    episode_ends,
+    load_run,
+    play_episodes,
+    summary,
+)
 from engine.transfer import ObsUploader
 from tests.helpers import run_module, tiny_run
 
@@ -23,6 +33,12 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return tiny_run(tmp_path_factory.mktemp("evaluate") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def lunar_dir(tmp_path_factory) -> Path:
+    """configs/tiny.toml on LunarLander-v3: a few seconds; its greedy episodes all crash."""
+    return tiny_run(tmp_path_factory.mktemp("evaluate") / "lunar", 'env.name="LunarLander-v3"')
 
 
 def test_play_episodes_counts_each_episode_once_and_records_env_0():
@@ -67,6 +83,50 @@ def test_play_episodes_counts_each_episode_once_and_records_env_0():
     assert len(seen) == lengths[0] + 1
 
 
+def test_episode_ends_lunarlander_and_cartpole():
+    terminal = np.array([True, True, False, True, False, True])
+    last = np.array([100.4, -100.2, -0.3, 0.0, 2.5, 97.0])
+    ends = episode_ends("LunarLander-v3", terminal, last)
+    assert list(ends) == ["rest", "crash", "time_limit"]
+    np.testing.assert_array_equal(ends["rest"], [True, False, False, False, False, True])
+    # A termination with last reward exactly 0 counts as a crash; a time-limit cut with a
+    # positive last reward is still a time-limit end.
+    np.testing.assert_array_equal(ends["crash"], [False, True, False, True, False, False])
+    np.testing.assert_array_equal(ends["time_limit"], [False, False, True, False, True, False])
+    assert end_labels(ends) == ["rest", "crash", "time_limit", "crash", "time_limit", "rest"]
+    # CartPole (and any other task): terminated (the pole fell) or cut at the time limit; the
+    # last reward does not matter.
+    ends = episode_ends("CartPole-v1", terminal, last)
+    assert list(ends) == ["terminated", "time_limit"]
+    np.testing.assert_array_equal(ends["terminated"], terminal)
+    np.testing.assert_array_equal(ends["time_limit"], ~terminal)
+    assert list(episode_ends("", terminal, last)) == ["terminated", "time_limit"]
+    # Every episode in exactly one group; lists are accepted; no episodes, no counts.
+    for task in ("LunarLander-v3", "CartPole-v1"):
+        ends = episode_ends(task, terminal.tolist(), last.tolist())
+        np.testing.assert_array_equal(sum(m.astype(int) for m in ends.values()), 1)
+        assert all(m.sum() == 0 for m in episode_ends(task, [], []).values())
+    with pytest.raises(ValueError, match="differ"):
+        episode_ends("LunarLander-v3", terminal, last[:3])
+
+
+def test_episode_ends_of_a_committed_reevaluation():
+    """llF best.pt's 50 greedy episodes (benchmarks/results, written before the split): the
+    figures the README quotes. The final rewards are exactly +-100 on termination."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks/results"
+    record = json.loads((path / "lunarlander_d64_cpu_reeval.json").read_text())
+    r = record["runs"]["llF best.pt (update 48000)"]
+    episodes = Episodes(
+        *(np.array(r[k]) for k in ("returns", "lengths", "terminal")), np.array(r["last_rewards"])
+    )
+    s = summary(episodes, 200.0, r["task"])
+    assert ends_text(s) == (
+        "ends: 35 rest (mean return 206.2), 8 crash (mean -66.1), 7 at the time limit (mean 29.2)"
+    )
+    terminal_rewards = {abs(x) for x, t in zip(r["last_rewards"], r["terminal"]) if t}
+    assert terminal_rewards == {100.0}
+
+
 def test_summary_figures():
     episodes = Episodes(
         np.array([100.0, 250.0, 300.0, -50.0]),
@@ -74,18 +134,34 @@ def test_summary_figures():
         np.array([False, True, True, True]),
         np.array([-0.3, 100.0, 100.0, -100.0]),
     )
-    s = summary(episodes, 200.0)
+    s = summary(episodes, 200.0, "CartPole-v1")
     assert s["mean"] == 150.0 and s["median"] == 175.0 and (s["min"], s["max"]) == (-50.0, 300.0)
     assert s["at_target"] == 2 and s["episodes"] == 4 and s["mean_length"] == 272.5
     assert (s["terminated"], s["terminated_mean"]) == (3, 500.0 / 3)
     assert (s["time_limit"], s["time_limit_mean"]) == (1, 100.0)
     assert s["terminal"] == [False, True, True, True] and s["last_rewards"][3] == -100.0
+    assert s["end"] == ["time_limit", "terminated", "terminated", "terminated"]
+    assert s["end_counts"] == {"terminated": 3, "time_limit": 1} and "rest" not in s
     assert (
-        ends_text(s)
-        == "ends: 3 terminated (mean return 166.7), 1 at the time limit (mean return 100.0)"
+        ends_text(s) == "ends: 3 terminated (mean return 166.7), 1 at the time limit (mean 100.0)"
     )
     s = summary(episodes._replace(terminal=np.ones(4, dtype=bool)), 200.0)
     assert s["time_limit_mean"] is None and ends_text(s).endswith(", 0 at the time limit")
+    # LunarLander: terminations split by the last reward into rest and crash.
+    s = summary(episodes, 200.0, "LunarLander-v3")
+    assert s["end_counts"] == {"rest": 2, "crash": 1, "time_limit": 1}
+    assert (s["rest"], s["rest_mean"], s["crash"], s["crash_mean"]) == (2, 275.0, 1, -50.0)
+    assert (s["terminated"], s["time_limit"], s["time_limit_mean"]) == (3, 1, 100.0)
+    assert s["end"] == ["time_limit", "rest", "rest", "crash"]
+    assert ends_text(s) == (
+        "ends: 2 rest (mean return 275.0), 1 crash (mean -50.0), 1 at the time limit (mean 100.0)"
+    )
+    # The first group with episodes says "mean return"; empty groups carry no mean.
+    s = summary(episodes._replace(last_reward=np.full(4, -100.0)), 200.0, "LunarLander-v3")
+    assert s["rest_mean"] is None
+    assert ends_text(s) == (
+        "ends: 0 rest, 3 crash (mean return 166.7), 1 at the time limit (mean 100.0)"
+    )
 
 
 def test_load_run_errors(tmp_path):
@@ -124,6 +200,8 @@ def test_cli_prints_and_writes_the_figures(run_dir, tmp_path):
     assert record["terminal"] == [True] * 6 and record["lengths"] == [
         int(r) for r in record["returns"]
     ]
+    assert record["end"] == ["terminated"] * 6
+    assert record["end_counts"] == {"terminated": 6, "time_limit": 0}
     # The same command gives the same figures; another seed, other episodes.
     again = cli(str(run_dir), "--episodes", "6")
     assert again.stdout == done.stdout
@@ -145,3 +223,54 @@ def test_cli_bad_input_is_one_line(run_dir, args, message):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.slow
+def test_cli_splits_lunarlander_terminations_into_rest_and_crash(lunar_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    done = cli(str(lunar_dir), "--episodes", "4", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["task"] == "LunarLander-v3" and record["target"] == 200.0
+    # An untrained lander crashes (last reward -100 plus shaping) within ~100 steps.
+    assert record["end"] == ["crash"] * 4 and all(r < 0 for r in record["last_rewards"])
+    assert record["end_counts"] == {"rest": 0, "crash": 4, "time_limit": 0}
+    assert (record["rest"], record["crash"], record["terminated"]) == (0, 4, 4)
+    assert record["crash_mean"] == pytest.approx(record["mean"]) and record["rest_mean"] is None
+    assert done.stdout.strip().endswith(
+        f"ends: 0 rest, 4 crash (mean return {record['mean']:.1f}), 0 at the time limit"
+    )
+    # The trainer's eval lines carry the split too.
+    evals = [
+        json.loads(x)
+        for x in (lunar_dir / "metrics.jsonl").read_text().splitlines()
+        if '"eval"' in x
+    ]
+    assert evals and all(
+        r["eval_rest"] + r["eval_crash"] + r["eval_time_limit"] == len(r["eval_returns"])
+        and r["eval_terminated"] == r["eval_rest"] + r["eval_crash"]
+        for r in evals
+    )
+
+
+@pytest.mark.slow
+def test_cli_line_with_every_lunarlander_end(lunar_dir, tmp_path, monkeypatch, capsys):
+    """The printed line and JSON when episodes rest, crash and time out (the tiny agent only
+    crashes, so the episodes are made up; the rest is the real command)."""
+    made_up = Episodes(
+        np.array([230.0, 182.4, -66.1, 29.2, 250.0]),
+        np.array([400, 380, 120, 1000, 350]),
+        np.array([True, True, True, False, True]),
+        np.array([101.2, 98.7, -100.4, -0.02, 100.0]),
+    )
+    monkeypatch.setattr(evaluate, "play_episodes", lambda *args, **kwargs: made_up)
+    out = tmp_path / "eval.json"
+    evaluate.main([str(lunar_dir), "--episodes", "5", "--json", str(out)])
+    line = capsys.readouterr().out.strip()
+    assert line.endswith(
+        "2/5 >= 200; mean length 450.0; ends: 3 rest (mean return 220.8), "
+        "1 crash (mean -66.1), 1 at the time limit (mean 29.2)"
+    )
+    record = json.loads(out.read_text())
+    assert record["end"] == ["rest", "rest", "crash", "time_limit", "rest"]
+    assert record["end_counts"] == {"rest": 3, "crash": 1, "time_limit": 1}

@@ -291,3 +291,119 @@ def test_eval_plot_draws_the_target_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda *args, **kwargs: None)
     assert run_main([a, "--out", tmp_path / "none"], capsys)[0] == 0
     assert _dashed_gray_rows(tmp_path / "none" / "eval.png") == 0
+
+
+def with_ends(records: list, kinds: tuple[str, ...], counts: list) -> list:
+    """The eval lines of `records`, in order, given `eval_<kind>` counts from `counts`."""
+    evals = iter(counts)
+    out = []
+    for r in records:
+        if r["type"] == "eval":
+            r = {**r, **{f"eval_{k}": int(n) for k, n in zip(kinds, next(evals))}}
+        out.append(r)
+    return out
+
+
+GREEN, RED, PURPLE, ORANGE = (
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    TAB_ORANGE,
+)  # C2 C3 C4 C1
+
+
+def test_ends_figure_and_summary_split(tmp_path, capsys):
+    """LunarLander eval lines with rest / crash / time-limit counts, a CartPole run with
+    terminated / time-limit counts, and a run logged before these fields."""
+    lunar_counts = [(i, 8 - i, 2) for i in range(8)] + [(7, 2, 1), (6, 1, 3)]
+    recs = with_ends(synthetic(None), ("rest", "crash", "time_limit"), lunar_counts)
+    recs = [
+        {**r, "eval_terminated": r["eval_rest"] + r["eval_crash"]} if "eval_rest" in r else r
+        for r in recs
+    ]
+    lunar = write_metrics(tmp_path / "lunar", recs)
+    (lunar / "config.toml").write_text('[env]\nname = "LunarLander-v3"\n')
+    cart_counts = [(10 - i, i) for i in range(10)]
+    cart = write_metrics(
+        tmp_path / "cart", with_ends(synthetic(30), ("terminated", "time_limit"), cart_counts)
+    )
+    old = write_metrics(tmp_path / "old", synthetic(30))
+    out = tmp_path / "o"
+    code, stdout, err = run_main([lunar, cart, old, "--out", out], capsys)
+    assert code == 0, err
+    png = out / "ends.png"
+    assert Image.open(png).format == "PNG"
+    for rgb in (GREEN, RED, PURPLE, ORANGE):  # one colour per end kind
+        assert has_color(png, rgb), rgb
+    assert "ends.png" in err
+    lunar_text, cart_text, old_text = stdout.split("\n\n")
+    assert (
+        "  ends of the last eval (step 100, env step 1,000): 6 rest, 1 crash, "
+        "3 at the time limit (of 10 episodes)\n" in lunar_text
+    )
+    split = "1 terminated, 9 at the time limit (of 10 episodes)"
+    assert f"ends of the last eval (step 100, env step 1,000): {split}" in cart_text
+    assert "ends of the last eval" not in old_text  # no such fields: reported as before
+    assert stdout == (out / "summary.txt").read_text()
+
+
+def test_no_ends_figure_without_the_fields(tmp_path, capsys):
+    # eval_terminated alone (CartPole runs before eval_time_limit) is not a split.
+    recs = [{**r, "eval_terminated": 2} if r["type"] == "eval" else r for r in synthetic(30)]
+    a = write_metrics(tmp_path / "a", recs)
+    code, stdout, err = run_main([a, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "behavior.png",
+        "eval.png",
+        "losses.png",
+        "summary.txt",
+    ]
+    assert "ends of the last eval" not in stdout
+
+
+def test_end_counts_skips_unusable_eval_lines():
+    run = report.Run(Path("x"), task="LunarLander-v3")
+    good = dict(step=1, env_steps=10, eval_rest=1, eval_crash=0, eval_time_limit=1)
+    good["eval_terminated"] = 1  # as the trainer writes it for every task
+    run.evals = [
+        good,
+        dict(good, step=2, eval_crash=None),  # not a number
+        dict(good, step=3, eval_rest=0, eval_time_limit=0),  # no episodes
+        dict(step=4, env_steps=40, eval_return=1.0),  # logged before the fields
+        dict(good, step=5, env_steps=50, eval_crash=3),
+    ]
+    kinds, x, counts, recs = report.end_counts(run)
+    assert kinds == ("rest", "crash", "time_limit") and [r["step"] for r in recs] == [1, 5]
+    np.testing.assert_array_equal(x, [10, 50])
+    np.testing.assert_array_equal(counts, [[1, 0, 1], [1, 3, 1]])
+    # A run of unknown task (no config.toml) is matched by its fields, the longest set first.
+    run.task = ""
+    assert report.run_end_kinds(run) == ("rest", "crash", "time_limit")
+    run.task = "CartPole-v1"
+    assert report.run_end_kinds(run) == ("terminated", "time_limit")
+    assert report.end_counts(run)[2].tolist() == [[1, 1], [1, 1], [1, 0], [1, 1]]
+    run.evals = [dict(step=1, env_steps=10, eval_terminated=2)]  # before eval_time_limit
+    assert report.run_end_kinds(run) is None and report.end_counts(run)[0] == ()
+    np.testing.assert_allclose(report._bar_widths(np.array([10.0, 20.0, 40.0])), [9, 9, 18])
+    np.testing.assert_allclose(report._bar_widths(np.array([100.0])), [5.0])
+
+
+def test_report_never_imports_torch(tmp_path):
+    """The report runs beside training in a second: engine.evaluate's end kinds come without
+    torch."""
+    a = write_metrics(tmp_path / "a", synthetic(30))
+    code = (
+        "import sys; from engine import report; "
+        f"report.main([{str(a)!r}]); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
