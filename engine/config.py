@@ -254,6 +254,10 @@ class TrainConfig:
     on its best by early_stop_min_delta (hyperparameter search); 0 = off."""
     early_stop_min_delta: float = 0.01
     """Relative improvement that counts: wm_loss < best - min_delta x |best|."""
+    stop_solved_evals: int = 0
+    """End the run once this many evaluations in a row reach the task's solved return
+    (CartPole-v1 450, LunarLander-v3 200): a stopping rule fixed before the run, so its final
+    checkpoint is the one to re-evaluate; 0 = train to max_train_steps."""
 
 
 @dataclass
@@ -313,6 +317,8 @@ class Config:
 # Loading, overrides, validation.
 
 TASKS = ("CartPole-v1", "LunarLander-v3")
+# The eval return each task counts as solved (train.stop_solved_evals, engine.report's target).
+TASK_TARGETS = {"CartPole-v1": 450.0, "LunarLander-v3": 200.0}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -589,6 +595,7 @@ def validate(cfg: Config, src: str = "config") -> None:
             f"x lr_scaling {t.lr_scaling} ({lr_factor(t):.3g}) must stay < 1",
             getattr(t, key),
         )
+    need(t.stop_solved_evals >= 0, "train.stop_solved_evals", "must be >= 0", t.stop_solved_evals)
     need(
         t.early_stop_patience >= 0,
         "train.early_stop_patience",

@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--target must be a finite number, got {args.target}")
     import torch
 
-    from engine.report import DEFAULT_TARGET, TASK_TARGETS
+    from engine.config import TASK_TARGETS
+    from engine.report import DEFAULT_TARGET
     from engine.transfer import ObsUploader
 
     try:

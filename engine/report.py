@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 
 # engine.evaluate imports torch only inside its functions: the report stays torch-free.
+from engine.config import TASK_TARGETS
 from engine.evaluate import DEFAULT_END_KINDS, END_KINDS, END_TEXT, end_kinds
 
-# The eval return each task counts as solved (the summary's "first eval >= R" and the dashed line
-# in eval.png) unless --target says otherwise; DEFAULT_TARGET for a run of unknown task.
-TASK_TARGETS = {"CartPole-v1": 450.0, "LunarLander-v3": 200.0}
+# The eval return each task counts as solved (TASK_TARGETS: the summary's "first eval >= R" and
+# the dashed line in eval.png) unless --target says otherwise; DEFAULT_TARGET for an unknown task.
 DEFAULT_TARGET = 450.0
 
 # (panel title, metric keys drawn in it). Keys after the first are drawn dashed/dotted.

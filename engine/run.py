@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(130)
     mb = result["checkpoint_bytes"] / 1e6
-    early = " (early stop)" if result["stop_reason"] else ""
+    early = f" ({result['stop_kind']})" if result["stop_reason"] else ""
     print(
         f"done{early}: {result['step']} updates, {result['env_steps']} env steps, "
         f"{result['wall_time']:.0f} s, last eval {result['last_eval']:.1f}, "

@@ -466,9 +466,13 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _early_stop_step(records: list[dict[str, Any]]) -> int | None:
-    stops = [r for r in records if r.get("type") == "early_stop"]
-    return stops[-1].get("step") if stops else None
+STOP_RECORDS = {"early_stop": "early stop", "solved": "solved"}  # record type -> status words
+
+
+def _stop(records: list[dict[str, Any]]) -> tuple[str, int] | None:
+    """(what, step) of the record that ended the run early (early stop or solved), if any."""
+    stops = [r for r in records if r.get("type") in STOP_RECORDS]
+    return (STOP_RECORDS[stops[-1]["type"]], stops[-1].get("step")) if stops else None
 
 
 class Sweeper:
@@ -599,7 +603,8 @@ class Sweeper:
         rec.exit_code, rec.pid, rec.finished = rc, None, _now()
         if rc == 0:
             rec.status, rec.error = "done", None
-            rec.early_stop_step = _early_stop_step(_read_metrics(self.run_dir(rec)))
+            stop = _stop(_read_metrics(self.run_dir(rec)))
+            rec.early_stop_step = stop[1] if stop else None
         elif stopping or rc in (130, -signal.SIGINT, -signal.SIGTERM):
             rec.status, rec.error = "interrupted", None
         else:
@@ -683,8 +688,8 @@ def run_row(out: Path, rec: RunRecord) -> dict[str, Any]:
     row["wall_time_s"] = round(rec.wall_time, 1)
     ckpt = run_dir / "checkpoints" / "latest.pt"
     row["checkpoint_bytes"] = ckpt.stat().st_size if ckpt.is_file() else None
-    stop = _early_stop_step(records)
-    row["status"] = rec.status + (f", early stop at step {stop}" if stop is not None else "")
+    stop = _stop(records)
+    row["status"] = rec.status + (f", {stop[0]} at step {stop[1]}" if stop is not None else "")
     return row
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from engine import checkpoint, dists, fast
 from engine.agent import Agent
 from engine.config import (
+    TASK_TARGETS,
     Config,
     actor_entropy_coef_at,
     effective_lrs,
@@ -123,6 +124,7 @@ class Trainer:
         )
         # Early-stop state, checkpointed with the counters so a resumed search run keeps it.
         self.counters.update(es_best=math.inf, es_best_step=0, es_stale=0)
+        self.counters.update(solved_streak=0)  # evaluations in a row at the solved return
         self.saved_step: dict[str, int] = {}  # checkpoint name -> step it holds
         self.ckpt_dir = run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +159,7 @@ class Trainer:
         self._entropy_coef = actor_entropy_coef_at(cfg.train, c["step"])
         self.agent.set_entropy_coef(self._entropy_coef)
         self.stop_reason: str | None = None
+        self.stop_kind = ""  # "early stop" or "solved", with stop_reason
         self.tb = None
         if writer_cls is not None:
             # On resume, events past the checkpoint (logged, then lost with the run) are hidden.
@@ -259,6 +262,7 @@ class Trainer:
             best_eval=c["best_eval"],
             checkpoint_bytes=size,
             stop_reason=self.stop_reason,
+            stop_kind=self.stop_kind,
         )
 
     def _collect(self) -> None:
@@ -437,8 +441,26 @@ class Trainer:
             f"{short(t.early_stop_min_delta)} relative for {c['es_stale']} log intervals "
             "(train.early_stop_patience)"
         )
+        self.stop_kind = "early stop"
         self._record("early_stop", reason=self.stop_reason, best_wm_loss=best)
         self.progress.write(f"early stop at step {c['step']}: {self.stop_reason}")
+
+    def _check_solved(self) -> None:
+        """train.stop_solved_evals: end the run after that many evaluations in a row at or
+        above the task's solved return."""
+        need, c = self.cfg.train.stop_solved_evals, self.counters
+        if not need:
+            return
+        target = TASK_TARGETS[self.cfg.env.name]
+        c["solved_streak"] = c["solved_streak"] + 1 if self.last_eval >= target else 0
+        if c["solved_streak"] >= need:
+            self.stop_reason = (
+                f"{c['solved_streak']} evaluations in a row reached the solved return "
+                f"{target:g} (train.stop_solved_evals)"
+            )
+            self.stop_kind = "solved"
+            self._record("solved", reason=self.stop_reason, eval_return=self.last_eval)
+            self.progress.write(f"solved at step {c['step']}: {self.stop_reason}")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -477,6 +499,7 @@ class Trainer:
         if self.last_eval > c["best_eval"]:
             c["best_eval"] = self.last_eval
             self._checkpoint("best")
+        self._check_solved()
         if frames is not None:
             self._dream(frames, actions)
         return self.last_eval

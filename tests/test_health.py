@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from engine import run as cli_main
+from engine import trainer as trainer_module
 from engine.config import load_config
 from engine.trainer import TENSORBOARD_MISSING, HealthError, Trainer, TrainingError
 
@@ -163,6 +164,38 @@ def test_early_stop_counts_intervals_without_enough_relative_improvement(tmp_pat
     for loss in (1.0, 2.0, 3.0, 4.0):
         off._check_early_stop(loss)
     assert off.stop_reason is None
+
+
+def test_stop_solved_evals_ends_the_run_after_enough_evals_in_a_row(tmp_path):
+    tr = trainer(tmp_path / "r", "train.stop_solved_evals=2")
+    for ret in (460.0, 300.0, 450.0):  # CartPole's solved return is 450: the streak restarts
+        tr.last_eval = ret
+        tr._check_solved()
+        assert tr.stop_reason is None
+    tr.last_eval = 500.0
+    tr._check_solved()
+    assert tr.counters["solved_streak"] == 2 and tr._done()
+    assert "2 evaluations in a row reached the solved return 450" in tr.stop_reason
+    (rec,) = records(tmp_path / "r", "solved")
+    assert rec["eval_return"] == 500.0
+    off = trainer(tmp_path / "off")
+    off.last_eval = 500.0
+    off._check_solved()
+    assert off.stop_reason is None
+
+
+def test_a_solved_run_ends_at_the_evaluation_that_completes_the_streak(tmp_path, monkeypatch):
+    # A target of -1 makes every evaluation count as solved: the run ends at the second one.
+    monkeypatch.setitem(trainer_module.TASK_TARGETS, "CartPole-v1", -1.0)
+    rd = tmp_path / "r"
+    tr = trainer(rd, "train.stop_solved_evals=2", "train.max_train_steps=40", "log.eval_every=6")
+    try:
+        result = tr.run()
+    finally:
+        tr.close()
+    assert result["step"] == 12 and result["stop_kind"] == "solved"
+    assert [r["step"] for r in records(rd, "eval")] == [6, 12]
+    assert saved_step(rd) == 12
 
 
 # ---- TensorBoard -----------------------------------------------------------------------------
