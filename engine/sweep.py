@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from engine.config import (
+    TASK_TARGETS,
     Config,
     ConfigError,
     add_set_option,
@@ -672,7 +674,8 @@ def run_row(out: Path, rec: RunRecord) -> dict[str, Any]:
     run_dir = out / rec.name
     records = _read_metrics(run_dir)
     train = [r for r in records if r.get("type") == "train"]
-    evals = _numbers([r for r in records if r.get("type") == "eval"], "eval_return")
+    eval_records = [r for r in records if r.get("type") == "eval"]
+    evals = _numbers(eval_records, "eval_return")
     row: dict[str, Any] = {}
     for key in METRIC_KEYS:
         values = _numbers(train, key)
@@ -680,6 +683,12 @@ def run_row(out: Path, rec: RunRecord) -> dict[str, Any]:
         row[f"best_{key}"] = _best(key, values) if values else None
     row["final_eval_return"] = evals[-1] if evals else None
     row["best_eval_return"] = max(evals) if evals else None
+    row["last5_eval_return"] = statistics.fmean(evals[-5:]) if evals else None
+    target = TASK_TARGETS.get(_task(run_dir, rec))
+    solved = [
+        r.get("step") for r in eval_records if target and r.get("eval_return", -1e9) >= target
+    ]
+    row["first_solved_step"] = solved[0] if solved else None
     steps, env_steps = _numbers(records, "step"), _numbers(records, "env_steps")
     row["train_steps"] = int(max(steps)) if steps else None
     row["env_steps"] = int(max(env_steps)) if env_steps else None
@@ -691,6 +700,15 @@ def run_row(out: Path, rec: RunRecord) -> dict[str, Any]:
     stop = _stop(records)
     row["status"] = rec.status + (f", {stop[0]} at step {stop[1]}" if stop is not None else "")
     return row
+
+
+def _task(run_dir: Path, rec: RunRecord) -> str | None:
+    """The run's env.name, from its config.toml (a grid may set env.name)."""
+    try:
+        raw = tomllib.loads((run_dir / "config.toml").read_text())
+        return raw["env"]["name"]
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return None
 
 
 def _fmt(v: Any) -> str:
@@ -722,7 +740,8 @@ def summarize(out: Path, state: SweepState) -> tuple[str, str]:
     rows = [(rec, run_row(out, rec)) for rec in state.runs]
     present = [k for k in METRIC_KEYS if any(row[f"final_{k}"] is not None for _, row in rows)]
     metric_cols = [f"{w}_{k}" for k in present for w in ("final", "best")]
-    tail = ["final_eval_return", "best_eval_return", "train_steps", "env_steps"]
+    tail = ["final_eval_return", "best_eval_return", "last5_eval_return", "first_solved_step"]
+    tail += ["train_steps", "env_steps"]
     tail += ["train_steps_per_sec", "wall_time_s", "checkpoint_bytes"]
     header = [shorts[k] for k in keys] + ["seed", "status"] + metric_cols + tail
     buf = io.StringIO()
@@ -749,7 +768,8 @@ def summarize(out: Path, state: SweepState) -> tuple[str, str]:
         "dream_value, dream_return and eval_return.\n",
     ]
     run_header = [shorts[k] for k in keys] + ["seed", "status"] + present
-    run_header += ["eval_return", "train steps", "env steps", "steps/s", "wall s", "ckpt MB"]
+    run_header += ["eval_return", "last 5 evals", "first solved", "train steps", "env steps"]
+    run_header += ["steps/s", "wall s", "ckpt MB"]
     table = []
     for rec, row in rows:
         cells = [rec.settings.get(k, "") for k in keys] + [str(rec.seed), row["status"]]
@@ -757,23 +777,31 @@ def summarize(out: Path, state: SweepState) -> tuple[str, str]:
             final, best = row[f"final_{k}"], row[f"best_{k}"]
             cells.append("-" if final is None else f"{_fmt(final)} ({_fmt(best)})")
         size = row["checkpoint_bytes"]
+        cells += [_fmt(row[c]) for c in ("last5_eval_return", "first_solved_step")]
         cells += [_fmt(row[c]) for c in ("train_steps", "env_steps", "train_steps_per_sec")]
         cells += [_fmt(row["wall_time_s"]), "-" if size is None else f"{size / 1e6:.2f}"]
         table.append(cells)
     md.append(_md_table(run_header, table))
 
     md.append("## Over seeds\n")
-    md.append("Mean ± std over the done runs of each setting.\n")
+    md.append(
+        "Mean ± std over the done runs of each setting; first solved: the update of the first "
+        "eval at the task's solved return (CartPole-v1 450, LunarLander-v3 200), over the runs "
+        "that reached it (solved k/n).\n"
+    )
     groups: dict[tuple[str, ...], list[tuple[RunRecord, dict[str, Any]]]] = {}
     for rec, row in rows:
         groups.setdefault(tuple(rec.settings.get(k, "") for k in keys), []).append((rec, row))
-    cols = ("final_eval_return", "best_eval_return", "final_wm_loss", "train_steps_per_sec")
-    group_header = [shorts[k] for k in keys] + ["done"]
-    group_header += ["final eval_return", "best eval_return", "final wm_loss", "steps/s"]
+    cols = ("final_eval_return", "last5_eval_return", "best_eval_return", "first_solved_step")
+    cols += ("final_wm_loss", "train_steps_per_sec")
+    group_header = [shorts[k] for k in keys] + ["done", "solved"]
+    group_header += ["final eval_return", "last 5 evals", "best eval_return", "first solved"]
+    group_header += ["final wm_loss", "steps/s"]
     gtable = []
     for setting, members in groups.items():
         done = [row for rec, row in members if rec.status == "done"]
-        cells = list(setting) + [f"{len(done)}/{len(members)}"]
+        solved = sum(r["first_solved_step"] is not None for r in done)
+        cells = list(setting) + [f"{len(done)}/{len(members)}", f"{solved}/{len(done)}"]
         cells += [_mean_std([r[c] for r in done if r[c] is not None]) for c in cols]
         gtable.append(cells)
     md.append(_md_table(group_header, gtable))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import sweep as sweep_module
 from engine.sweep import (
     MAX_NAME,
     RunRecord,
@@ -171,7 +172,7 @@ def test_run_names_are_filesystem_safe_and_unique():
     assert names[2] == "name=.._up_and_away,seed=0"
 
 
-def test_summary_takes_final_best_and_mean_std_over_seeds(tmp_path):
+def test_summary_takes_final_best_and_mean_std_over_seeds(tmp_path, monkeypatch):
     lines = {
         0: [
             dict(type="train", step=2, env_steps=40, wm_loss=5.0, train_steps_per_sec=2.0),
@@ -192,6 +193,8 @@ def test_summary_takes_final_best_and_mean_std_over_seeds(tmp_path):
         (tmp_path / name).mkdir()
         text = "\n".join(json.dumps(r) for r in recs) + "\n{truncated"
         (tmp_path / name / "metrics.jsonl").write_text(text)
+        task = "CartPole-v1" if seed == 0 else "LunarLander-v3"
+        (tmp_path / name / "config.toml").write_text(f'[env]\nname = "{task}"\n')
         records.append(
             RunRecord(name, {"train.batch_size": "4"}, seed, [], status="done", wall_time=3.0)
         )
@@ -203,12 +206,18 @@ def test_summary_takes_final_best_and_mean_std_over_seeds(tmp_path):
     a, b = rows
     assert (a["final_wm_loss"], a["best_wm_loss"]) == ("4.0", "3.0")
     assert (a["final_eval_return"], a["best_eval_return"]) == ("8.0", "10.0")
+    assert a["last5_eval_return"] == "9.0" and a["first_solved_step"] == ""  # CartPole: 450
     assert (a["train_steps"], a["env_steps"], a["train_steps_per_sec"]) == ("6", "96", "4.0")
     assert a["status"] == "done" and b["status"] == "done, early stop at step 6"
     assert "final_image_loss" not in a  # not logged by any run
     assert a["checkpoint_bytes"] == ""
     # Over seeds: final eval 8 and 12 -> 10 +- 2.83; final wm_loss 4 and 2 -> 3 +- 1.41.
-    assert "| 4 | 2/2 | 10 ± 2.83 | 11 ± 1.41 | 3 ± 1.41 | 4 ± 0 |" in md
+    assert "| 4 | 2/2 | 0/2 | 10 ± 2.83 | 10.5 ± 2.12 | 11 ± 1.41 | - | 3 ± 1.41 | 4 ± 0 |" in md
+    # A LunarLander run is solved at 200: seed 1 with a target of 10 instead.
+    monkeypatch.setitem(sweep_module.TASK_TARGETS, "LunarLander-v3", 10.0)
+    csv_text, md = summarize(tmp_path, SweepState(identity, records))
+    assert list(csv.DictReader(csv_text.splitlines()))[1]["first_solved_step"] == "6"
+    assert "| 4 | 2/2 | 1/2 |" in md
 
 
 # ---- Input errors: one line, exit 2, nothing started ----------------------------------------
