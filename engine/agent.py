@@ -80,10 +80,11 @@ class Agent(nn.Module):
     ) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
         """`train_step`, also returning the posterior (deter (B, T, D), stoch (B, T, L, K)),
         which the learner writes back to the replay under train.replay_context. With
-        replay_context the batch is one step longer: its first step's stored posterior and
-        action start the sequence."""
+        replay_context the learner's batch is one step longer and carries the stored posteriors
+        (deter, stoch): its first step's posterior and action start the sequence."""
         start = None
-        if self.replay_context:
+        # A batch without stored posteriors (tests, benchmarks) starts from zeros as before.
+        if self.replay_context and "deter" in batch:
             start = (
                 batch["deter"][:, 0].float(),
                 dists.onehot(batch["stoch"][:, 0].long(), self.wm.K),

@@ -125,15 +125,18 @@ class ModelsConfig:
     """Bins of the symlog two-hot reward and critic outputs."""
     head_layers: int = 1
     """Hidden layers of the reward and continue heads (official DreamerV3: 1)."""
-    twohot_space: str = "symlog"
+    twohot_space: str = "real"
     """symlog | real: where the reward and critic two-hot heads live. symlog: bins uniform in
     symlog space, the target interpolated there, the prediction symexp(sum p*b) (biased toward
-    0 for rare large rewards). real: official DreamerV3 `symexp_twohot`: bins are symexp of
-    the symlog grid, the target is interpolated and the prediction sum p*b taken in real space."""
-    init: str = "engine"
+    0 for rare large rewards). real (default): official DreamerV3 `symexp_twohot`: bins are
+    symexp of the symlog grid, the target is interpolated and the prediction sum p*b taken in
+    real space. Default by the ablation (README): CartPole d64 solved at update 1375 +- 177
+    instead of 2125 +- 530, 2 seeds each."""
+    init: str = "official"
     """engine | official: weight init. engine: an output layer's outscale multiplies the weight
     variance and a block-diagonal layer's fan-in is one block's input. official: outscale
-    multiplies the std (the policy head starts 10x smaller) and the fan-in is the full input."""
+    multiplies the std (the policy head starts 10x smaller) and the fan-in is the full input.
+    Default official: part of the official set that the ablation chose (README)."""
 
 
 @dataclass
@@ -176,20 +179,22 @@ class TrainConfig:
     actor_lr: float = 1e-4
     critic_lr: float = 1e-4
     weight_decay: float = 1e-6
-    optimizer: str = "adam"
+    optimizer: str = "laprop"
     """adam | laprop. LaProp (official DreamerV3) divides each gradient by the RMS of past
-    gradients first and then takes momentum of the result (Adam does it the other way round)."""
-    adam_eps: float = 1e-8
+    gradients first and then takes momentum of the result (Adam does it the other way round).
+    Default laprop, with agc 0.3, no global-norm clips and a 1,000-update warm-up: the official
+    optimizer, chosen with the other official switches by the ablation (README)."""
+    adam_eps: float = 1e-20
     """Epsilon of the optimizer (Adam or LaProp; official LaProp: 1e-20)."""
-    wm_grad_clip: float = 1000.0
+    wm_grad_clip: float = 0.0
     """Global-norm gradient clipping of the world model; 0 disables."""
-    actor_grad_clip: float = 100.0
-    critic_grad_clip: float = 100.0
-    agc: float = 0.0
+    actor_grad_clip: float = 0.0
+    critic_grad_clip: float = 0.0
+    agc: float = 0.3
     """Adaptive gradient clipping (official 0.3): each parameter tensor's gradient is scaled
     down where its norm exceeds agc x max(1e-3, the tensor's norm); 0 disables. Applied before
     the global-norm clips above (set those to 0 for the official optimizer)."""
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 1000
     """Each optimizer's learning rate rises linearly from 0 over its first this many updates
     (official: 1000); 0 disables."""
     async_collection: bool = True
@@ -230,14 +235,14 @@ class TrainConfig:
     """EMA rate of the 5th/95th return percentiles."""
     retnorm_limit: float = 1.0
     """Returns are divided by max(limit, P95 - P5)."""
-    retnorm_init: str = "first"
+    retnorm_init: str = "zero"
     """first | zero: the percentile EMA starts at the first batch's percentiles, or (official)
     at zero, so early returns are divided by ~limit until the EMA has grown."""
-    repval_scale: float = 0.0
+    repval_scale: float = 0.3
     """Weight of the replayed-value loss (official 0.3): the critic also regresses the
     lambda-returns of the replayed trajectories (real rewards and episode ends, bootstrapped
     with the imagined returns from each replayed state); 0 disables."""
-    replay_context: bool = False
+    replay_context: bool = True
     """Store each step's posterior (deter, stoch) in the replay and start every sampled sequence
     from the stored state before it, instead of from zeros (official replay_context = 1). The
     posteriors computed in training are written back to the replay."""

@@ -79,8 +79,9 @@ class Learner:
     def __init__(self, agent, replay, batch_size: int, length: int, opts: FastOptions):
         self.agent, self.replay = agent, replay
         self.batch_size, self.length = batch_size, length
-        # Replay context: one more step whose stored posterior starts the sequence.
-        self.context = agent.replay_context
+        # Replay context: one more step whose stored posterior starts the sequence (when the
+        # replay stores posteriors: the trainer's does under train.replay_context).
+        self.context = int(agent.replay_context and "deter" in replay.data)
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, dict[str, Tensor]]] = {}
         self.use_graphs = opts.cuda_graphs
 

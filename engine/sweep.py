@@ -49,7 +49,6 @@ from engine.config import (
     add_set_option,
     apply_overrides,
     load_config,
-    to_dict,
 )
 from engine.report import SUMMARY_LOSSES
 
@@ -241,6 +240,13 @@ def expand(
     ]
 
 
+def plain_settings(config: str) -> dict[str, Any]:
+    """The config file's settings as written (TOML or the archive's JSON), without defaults."""
+    path = Path(config)
+    text = path.read_text()
+    return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+
+
 def _key_of(item: str) -> str:
     return item.split("=", 1)[0].strip()
 
@@ -266,7 +272,6 @@ def build_plan(
             raise SweepError(f"--set {item}: conflicts with --max-steps")
     try:
         base = load_config(config, fixed)
-        plain = load_config(config)
     except ConfigError as e:
         raise SweepError(str(e)) from None
     grid: list[tuple[str, list[str]]] = []
@@ -306,7 +311,10 @@ def build_plan(
         except ConfigError as e:
             setting = ",".join(f"{k}={v}" for k, v in combo) or "(no grid)"
             raise SweepError(f"--grid setting {setting}: {e}") from None
-    digest = hashlib.sha256(json.dumps(to_dict(plain), sort_keys=True).encode()).hexdigest()
+    # The file's own settings, as parsed: a default added to the engine later (a new config key)
+    # does not make an unchanged file's sweep a different one.
+    raw = plain_settings(config)
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
     return Plan(
         config=config,
         config_abs=str(Path(config).resolve()),

@@ -175,7 +175,7 @@ def test_repval_loss_regresses_the_critic_on_the_replayed_returns():
 
 
 def test_repval_scale_adds_the_replayed_value_loss_to_the_critic():
-    cfg_off = load_config("configs/tiny.toml")
+    cfg_off = load_config("configs/tiny.toml", ["train.repval_scale=0"])
     cfg_on = load_config("configs/tiny.toml", ["train.repval_scale=0.3"])
     batch = synthetic_batch(cfg_off, 4, 8)
     out = []
@@ -302,3 +302,32 @@ def test_reward_loss_excess_is_measured_from_the_floor_of_the_heads_space(space)
     # The zero-initialised head predicts uniform logits: the loss is ln(255) everywhere.
     assert metrics["reward_loss"].item() == pytest.approx(math.log(255), rel=1e-6)
     assert metrics["reward_loss_excess"].item() == pytest.approx(math.log(255) - floor, rel=1e-6)
+
+
+@pytest.mark.compiled
+def test_compiled_update_with_every_official_switch_matches_eager(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # No warm-up (its first update has lr 0) and a large eps: LaProp's step is then ~lr x g / eps,
+    # so the parameter change compares the gradients themselves.
+    switches = [*OFFICIAL, "train.lr_warmup_steps=0", "train.adam_eps=10"]
+    out = []
+    for extra in ([], ["general.compile=true", "general.batched_wgrad=true"]):
+        cfg = load_config("configs/tiny.toml", [*switches, *extra])
+        opts, _ = fast.resolve(cfg.general, torch.device("cpu"))
+        torch.manual_seed(0)
+        agent = Agent(cfg, vector_dim=4, num_actions=2, opts=opts)
+        if opts.compile:
+            fast.compile_agent(agent)
+        start = torch.cat([p.detach().flatten() for p in agent.parameters()])
+        batch = with_context(cfg, synthetic_batch(cfg, 4, 6))
+        torch.manual_seed(123)
+        metrics = agent.train_step(batch, train_behavior=True)
+        delta = torch.cat([p.detach().flatten() for p in agent.parameters()]) - start
+        out.append(({k: v.item() for k, v in metrics.items()}, delta))
+    (m_e, d_e), (m_c, d_c) = out
+    for k in m_e:
+        assert m_c[k] == pytest.approx(m_e[k], rel=1e-4, abs=1e-5), k
+    assert d_e.abs().max() > 0
+    # The change of a parameter is known to about an fp32 ulp of the parameter (~3e-8 at 0.5).
+    atol = max(1e-3 * d_e.abs().max().item(), 1e-7)
+    torch.testing.assert_close(d_c, d_e, rtol=1e-3, atol=atol)
