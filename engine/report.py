@@ -1,6 +1,6 @@
 """Run reports: loss, evaluation and behaviour plots plus a text summary, from metrics.jsonl.
 
-`python -m engine.report RUN_DIR [RUN_DIR ...] [--out DIR] [--target R]`
+`python -m engine.report RUN_DIR [RUN_DIR ...] [--out DIR] [--target R] [--ylim LO:HI]`
 
 Several runs are overlaid in every plot (one colour per run, labelled by the run directory's
 name). matplotlib is imported only when plotting, so training never needs it. The report reads
@@ -405,13 +405,71 @@ def _run_legend(fig: Any, runs: Sequence[Run]) -> None:
     )
 
 
-def plot_eval(runs: Sequence[Run], path: Path, target: float | None = None) -> bool:
+# eval.png's automatic y-range: the returns between the OUTLIER_QUANTILE and 1 - OUTLIER_QUANTILE
+# quantiles are the central range; a tail that reaches further than OUTLIER_SPAN times that range
+# beyond it (LunarLander's -2,000 crash-and-spin evals beside a 0-250 learning curve) is cut
+# off at the axis, and its points are drawn on the edge as triangles.
+OUTLIER_QUANTILE = 0.02
+OUTLIER_SPAN = 1.0
+
+
+def eval_ylim(values: Sequence[float]) -> tuple[float, float] | None:
+    """The y-range eval.png zooms to, or None when no tail needs cutting off."""
+    v = np.sort(np.asarray([x for x in values if math.isfinite(x)], dtype=float))
+    if v.size < 10:
+        return None
+    k = max(1, int(OUTLIER_QUANTILE * v.size))
+    lo_q, hi_q = float(v[k]), float(v[-k - 1])
+    span = max(hi_q - lo_q, 1e-9)
+    lo = float(v[0]) if v[0] >= lo_q - OUTLIER_SPAN * span else lo_q - 0.05 * span
+    hi = float(v[-1]) if v[-1] <= hi_q + OUTLIER_SPAN * span else hi_q + 0.05 * span
+    if lo == v[0] and hi == v[-1]:
+        return None
+    return lo, hi
+
+
+def parse_ylim(text: str) -> tuple[float, float]:
+    """`LO:HI` (either may be empty for 'automatic') as given to --ylim."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = (float(p) if p.strip() else math.nan for p in parts)
+    except ValueError:
+        raise ReportError(f"--ylim {text!r}: expected LO:HI, e.g. --ylim -300:320") from None
+    if math.isfinite(lo) and math.isfinite(hi) and lo >= hi:
+        raise ReportError(f"--ylim {text!r}: LO must be below HI")
+    return lo, hi
+
+
+def plot_eval(
+    runs: Sequence[Run],
+    path: Path,
+    target: float | None = None,
+    ylim: tuple[float, float] | None = None,
+) -> bool:
     """Eval return against env steps and against wall time, mean line with the per-eval std
     band, the training episodes' returns faint behind, each run's target return dashed. False
-    when no run has either."""
+    when no run has either. The y-range is `ylim` (NaN for an automatic end), else eval_ylim's
+    zoom when a few outliers would squash the curves; points outside it are drawn at its
+    edge as triangles and counted in the title."""
     Figure, canvas = _figure_api()
     if not any(r.evals or r.episodes for r in runs):
         return False
+    every = [
+        num(r.get(k))
+        for run in runs
+        for recs, k in ((run.evals, "eval_return"), (run.episodes, "episode_return"))
+        for r in recs
+    ]
+    every = [v for v in every if math.isfinite(v)]
+    auto = eval_ylim(every)
+    if ylim is not None:
+        lo = ylim[0] if math.isfinite(ylim[0]) else (auto or (min(every, default=0.0),))[0]
+        hi = ylim[1] if math.isfinite(ylim[1]) else (auto or (0.0, max(every, default=1.0)))[1]
+        auto = (lo, hi) if lo < hi else None
+    clip = auto
+    outside = 0
     fig = Figure(figsize=(13, 4.8), layout="constrained")
     ax_env, ax_wall = fig.subplots(1, 2)
     for i, run in enumerate(runs):
@@ -421,8 +479,11 @@ def plot_eval(runs: Sequence[Run], path: Path, target: float | None = None) -> b
             ret = np.array([num(r.get("episode_return")) for r in eps])
             env = np.array([num(r.get("env_steps")) for r in eps])
             wall = wall_times(run, eps, "env_steps")
+            if clip is not None:
+                outside += int(((ret < clip[0]) | (ret > clip[1])).sum())
             for ax, x in ((ax_env, env), (ax_wall, wall)):
                 ax.plot(x, ret, ".", color=color, alpha=0.3, ms=4, zorder=1)
+                _edge_markers(ax, x, ret, clip, color, alpha=0.3, ms=4)
         evs = [r for r in run.evals if math.isfinite(num(r.get("eval_return")))]
         if not evs:
             continue
@@ -430,8 +491,11 @@ def plot_eval(runs: Sequence[Run], path: Path, target: float | None = None) -> b
         std = np.array([num(r.get("eval_return_std")) for r in evs])
         env = np.array([num(r.get("env_steps")) for r in evs])
         wall = wall_times(run, evs, "step")
+        if clip is not None:
+            outside += int(((mean < clip[0]) | (mean > clip[1])).sum())
         for ax, x in ((ax_env, env), (ax_wall, wall)):
             ax.plot(x, mean, "-o", color=color, ms=3.5, lw=1.6, zorder=3)
+            _edge_markers(ax, x, mean, clip, color, alpha=1.0, ms=6)
             band = np.isfinite(std) & np.isfinite(x)
             if band.any():
                 ax.fill_between(
@@ -447,6 +511,8 @@ def plot_eval(runs: Sequence[Run], path: Path, target: float | None = None) -> b
         ax.set_xlabel(xlabel)
         ax.set_ylabel("return")
         ax.grid(alpha=0.3)
+        if clip is not None:
+            ax.set_ylim(*clip)
         for goal in sorted({r.target(target) for r in runs}):
             lo, hi = ax.get_ylim()  # keep the line in view when the runs are far below it
             pad = 0.05 * (max(hi, goal) - min(lo, goal))
@@ -462,10 +528,36 @@ def plot_eval(runs: Sequence[Run], path: Path, target: float | None = None) -> b
                 color="0.35",
             )
     ax_env.set_title("eval return (line, ±std band) and training episodes (dots) vs env steps")
+    if outside:
+        fig.suptitle(
+            f"y-axis {clip[0]:.4g} to {clip[1]:.4g}: {outside} returns beyond it drawn at its "
+            "edge (triangles); --ylim sets it",
+            fontsize=9,
+        )
     ax_wall.set_title("the same vs wall time")
     _run_legend(fig, runs)
     _save(fig, canvas, path)
     return True
+
+
+def _edge_markers(
+    ax: Any, x: Any, y: Any, clip: tuple[float, float] | None, color: str, alpha: float, ms: float
+) -> None:
+    """Points of (x, y) beyond the y-range `clip`, drawn on its edge as triangles."""
+    if clip is None:
+        return
+    for beyond, edge, marker in ((y < clip[0], clip[0], "v"), (y > clip[1], clip[1], "^")):
+        if beyond.any():
+            ax.plot(
+                x[beyond],
+                np.full(int(beyond.sum()), edge),
+                marker,
+                color=color,
+                alpha=alpha,
+                ms=ms,
+                clip_on=False,
+                zorder=4,
+            )
 
 
 def _bar_widths(x: Any) -> Any:
@@ -544,15 +636,18 @@ def label_runs(runs: Sequence[Run]) -> None:
 
 
 def write_report(
-    runs: Sequence[Run], out: Path, target: float | None = None
+    runs: Sequence[Run],
+    out: Path,
+    target: float | None = None,
+    ylim: tuple[float, float] | None = None,
 ) -> tuple[list[Path], str]:
     """Plots and summary.txt into `out`. Returns the files written and the summary text.
-    `target` overrides each run's task target (TASK_TARGETS)."""
+    `target` overrides each run's task target (TASK_TARGETS); `ylim` is eval.png's y-range."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, draw in (
         ("losses.png", lambda p: _panel_plot(runs, LOSS_PANELS, "world model and losses", p)),
-        ("eval.png", lambda p: plot_eval(runs, p, target)),
+        ("eval.png", lambda p: plot_eval(runs, p, target, ylim)),
         ("behavior.png", lambda p: _panel_plot(runs, BEHAVIOR_PANELS, "behaviour", p)),
         ("ends.png", lambda p: plot_ends(runs, p)),
     ):
@@ -582,6 +677,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="eval return counted as solved: the summary reports its first crossing and eval.png "
         "draws it (default: by the run's env.name, CartPole-v1 450, LunarLander-v3 200)",
     )
+    p.add_argument(
+        "--ylim",
+        metavar="LO:HI",
+        help="eval.png's y-range, written --ylim=LO:HI, either end may be empty (default: "
+        "the central 96%% of the returns when a few outliers would squash the curves)",
+    )
     return p.parse_args(argv)
 
 
@@ -589,6 +690,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         _figure_api()  # fail before reading anything when matplotlib is missing
+        ylim = parse_ylim(args.ylim) if args.ylim is not None else None
         runs = [load_run(d) for d in args.run_dirs]
         for run in runs:
             for note in run.notes:
@@ -603,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out) if args.out else default_out([r.path for r in runs])
         if out.exists() and not out.is_dir():
             raise ReportError(f"--out {out}: exists and is not a folder")
-        written, text = write_report(runs, out, args.target)
+        written, text = write_report(runs, out, args.target, ylim)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -407,3 +407,62 @@ def test_report_never_imports_torch(tmp_path):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_eval_ylim_zooms_only_past_outliers():
+    rng = np.random.default_rng(0)
+    curve = list(rng.uniform(-150.0, 250.0, 500))
+    assert report.eval_ylim(curve) is None  # nothing to clip: the whole range is shown
+    assert report.eval_ylim([1.0, -2000.0]) is None  # too few points to call one an outlier
+    lo, hi = report.eval_ylim(curve + [-2179.8, -2447.1, -3384.1])
+    assert -200.0 < lo < -140.0 and 240.0 <= hi < 280.0
+    # A value just past the central range is kept in view rather than clipped.
+    lo, hi = report.eval_ylim(curve + [-2179.8, -2447.1, -3384.1, 260.0])
+    assert hi >= 260.0
+
+
+def _eval_axes(runs, monkeypatch, ylim=None):
+    """plot_eval's figure (not saved): its two axes and its suptitle text."""
+    seen = {}
+    monkeypatch.setattr(report, "_save", lambda fig, canvas, path: seen.setdefault("fig", fig))
+    assert report.plot_eval(runs, Path("unused.png"), ylim=ylim)
+    fig = seen["fig"]
+    title = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    return fig.axes[:2], title
+
+
+def test_eval_plot_clips_outliers_to_the_edge(tmp_path, monkeypatch):
+    recs = synthetic(reach_at=None)  # evals 40..400, episodes 5..50
+    recs += [
+        dict(r, episode_return=r["episode_return"] + 1.0) for r in recs if r["type"] == "episode"
+    ]
+    recs.append(dict(type="eval", step=110, env_steps=1100, eval_return=-5000.0))
+    run = report.load_run(write_metrics(tmp_path / "a", recs))
+    (ax_env, ax_wall), title = _eval_axes([run], monkeypatch)
+    lo, hi = ax_env.get_ylim()
+    assert -200.0 < lo < 5.0 and hi >= 450.0, (lo, hi)  # the -5000 eval is not in range
+    assert "1 returns beyond it" in title and "--ylim" in title
+    # The clipped eval is drawn as a down-triangle on the lower edge.
+    tri = [ln for ln in ax_env.lines if ln.get_marker() == "v"]
+    assert len(tri) == 1 and list(tri[0].get_ydata()) == [lo]
+    # Without the outlier the axis shows everything and says nothing.
+    run = report.load_run(write_metrics(tmp_path / "b", recs[:-1]))
+    (ax_env, _), title = _eval_axes([run], monkeypatch)
+    assert title == "" and not [ln for ln in ax_env.lines if ln.get_marker() == "v"]
+    # --ylim overrides the automatic range; an empty end stays automatic.
+    run = report.load_run(write_metrics(tmp_path / "c", recs))
+    (ax_env, _), title = _eval_axes([run], monkeypatch, ylim=(-6000.0, math.nan))
+    assert ax_env.get_ylim()[0] == -6000.0 and title == ""
+
+
+@pytest.mark.parametrize("text", ["-300", "a:b", "5:1", "1:2:3"])
+def test_bad_ylim_is_one_line(tmp_path, capsys, text):
+    a = write_metrics(tmp_path / "a", synthetic(reach_at=None))
+    code, _, err = run_main([a, f"--ylim={text}", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--ylim" in err
+
+
+def test_ylim_option_writes_the_report(tmp_path, capsys):
+    a = write_metrics(tmp_path / "a", synthetic(reach_at=None))
+    code, _, _ = run_main([a, "--ylim=-300:", "--out", tmp_path / "o"], capsys)
+    assert code == 0 and (tmp_path / "o" / "eval.png").is_file()
