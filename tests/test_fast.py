@@ -42,6 +42,22 @@ def test_switches_that_cannot_apply_fall_back_with_a_notice():
     assert len(notices) == 2 and all(n.startswith("notice: ") for n in notices)
 
 
+@pytest.mark.native_bf16_check
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_dropped_on_a_cpu_without_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: native)
+    cfg = load_config("configs/tiny.toml", ["general.precision=bf16"])
+    opts, notices = fast.resolve(cfg.general, torch.device("cpu"))
+    if native:
+        assert opts.precision == "bf16" and notices == []
+    else:
+        assert opts.precision == "fp32" and len(notices) == 1
+        assert notices[0].startswith("notice: general.precision = bf16 needs")
+    # The real check answers for this machine without failing.
+    monkeypatch.undo()
+    assert isinstance(fast.cpu_has_native_bf16(), bool)
+
+
 @pytest.mark.compiled
 def test_compiled_batched_update_matches_eager(monkeypatch):
     # Inductor draws random numbers with its own generator unless told to use eager's.
