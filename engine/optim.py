@@ -152,3 +152,171 @@ def step_together(loss: Tensor, optimizers: list[Optimizer]) -> list[Tensor]:
             norms.append(opt._apply(grads[i : i + n]))
             i += n
     return norms
+
+
+def _member_values(value, k: int, device: torch.device, name: str) -> Tensor:
+    """A float (every member the same) or one value per member, as a (K,) fp32 tensor."""
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(k)
+    if t.numel() != k:
+        raise ValueError(f"{name}: {t.numel()} values for a population of {k}")
+    return t.clone().to(device)
+
+
+def _per_member(x: Tensor, like: Tensor) -> Tensor:
+    """(K,) -> (K, 1, ..., 1), to broadcast over one member's slice of a stacked tensor."""
+    return x.view(-1, *([1] * (like.dim() - 1)))
+
+
+def member_norms(tensors: list[Tensor]) -> Tensor:
+    """(n_tensors, K): the norm of each tensor's member slice (all dims after the first)."""
+    return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
+
+
+class StackedOptimizer:
+    """The Optimizer of a population: every parameter is stacked, (K, ...) with member k's
+    tensor at index k, and every member is updated as a separate Optimizer would update its own
+    tensors: its own learning rate, betas, eps, weight decay, AGC and global-norm clip ((K,)
+    device tensors, set per member), its own step count, its gradient norm and clip over its own
+    slices only, never across members. `active` (K,) masks members out: a frozen member's
+    parameters, moments and step count do not change.
+
+    Adam here runs as per-tensor passes with the per-member values broadcast (torch's fused
+    Adam takes one learning rate per call); the math is torch's Adam with L2 weight decay, the
+    LaProp the same as Optimizer's."""
+
+    def __init__(
+        self,
+        params,
+        members: int,
+        lr,
+        kind: str = "adam",
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        clip=0.0,
+        agc=0.0,
+        warmup: int = 0,
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"optimizer kind must be one of {KINDS}, not {kind!r}")
+        if members < 1:
+            raise ValueError(f"a population needs at least 1 member, not {members}")
+        self.params = [p for p in params if p.requires_grad]
+        bad = [tuple(p.shape) for p in self.params if p.dim() < 1 or p.shape[0] != members]
+        if bad:
+            raise ValueError(f"stacked parameters need a leading dim of {members}: {bad[0]}")
+        device = self.params[0].device
+        k = self.members = members
+        self.kind, self.warmup = kind, warmup
+        self.lr = _member_values(lr, k, device, "lr")
+        self.b1 = _member_values(betas[0], k, device, "beta1")
+        self.b2 = _member_values(betas[1], k, device, "beta2")
+        self.eps = _member_values(eps, k, device, "eps")
+        self.weight_decay = _member_values(weight_decay, k, device, "weight_decay")
+        self.clip = _member_values(clip, k, device, "clip")
+        self.agc = _member_values(agc, k, device, "agc")
+        # Whether any member clips at all: fixed here, so the update has no branch on a tensor.
+        self.use_agc, self.use_clip = bool((self.agc > 0).any()), bool((self.clip > 0).any())
+        self.active = torch.ones(k, device=device)
+        self.count = torch.zeros(k, device=device)
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def set_lr(self, lr) -> None:
+        """One learning rate for every member, or one per member."""
+        self.set_member_values("lr", lr)
+
+    def set_member_values(self, name: str, values) -> None:
+        """Sets one of lr, b1, b2, eps, weight_decay, clip, agc: a float for every member or
+        one per member (population-based training perturbs them in place)."""
+        if name not in ("lr", "b1", "b2", "eps", "weight_decay", "clip", "agc"):
+            raise ValueError(f"no per-member optimizer setting {name!r}")
+        t = getattr(self, name)
+        t.copy_(_member_values(values, self.members, t.device, name))
+        self.use_agc, self.use_clip = bool((self.agc > 0).any()), bool((self.clip > 0).any())
+
+    def current_lr(self) -> Tensor:
+        """(K,) learning rates of the next update (the warm-up applied)."""
+        if not self.warmup:
+            return self.lr
+        return self.lr * torch.clamp(self.count / self.warmup, max=1.0)
+
+    def step(self, loss: Tensor) -> Tensor:
+        """Gradients of `loss` (the sum of the members' losses), clipping, update. Returns the
+        (K,) gradient norms before clipping."""
+        return step_together(loss, [self])[0]
+
+    def _apply(self, grads: list[Tensor]) -> Tensor:
+        ps = self.params
+        norm = member_norms(grads).square().sum(0).sqrt()  # (K,)
+        grads = list(grads)
+        if self.use_agc:
+            gn = member_norms(grads)  # (n, K)
+            pn = member_norms([p.detach() for p in ps])
+            factor = 1.0 / torch.clamp(gn / (self.agc * torch.clamp(pn, min=AGC_PMIN)), min=1.0)
+            factor = torch.where(self.agc > 0, factor, torch.ones_like(factor))
+            grads = [g * _per_member(f, g) for g, f in zip(grads, factor.unbind())]
+        if self.use_clip:
+            clipped = member_norms(grads).square().sum(0).sqrt()
+            scale = torch.clamp((clipped + 1e-6) / self.clip, min=1.0)
+            scale = torch.where(self.clip > 0, scale, torch.ones_like(scale))
+            grads = [g / _per_member(scale, g) for g in grads]
+        lr = self.current_lr()
+        on = self.active > 0
+        self.count.add_(on.float())  # a frozen member keeps its step count
+        # Bias corrections of this step; a frozen member (count possibly 0) gets a harmless 1.
+        c = torch.clamp(self.count, min=1.0)
+        bc1, bc2 = 1 - self.b1**c, 1 - self.b2**c
+        for p, g, m, v in zip(ps, grads, self.m, self.v):
+            b1, b2 = _per_member(self.b1, p), _per_member(self.b2, p)
+            eps, wd = _per_member(self.eps, p), _per_member(self.weight_decay, p)
+            if self.kind == "adam":
+                g = g + wd * p
+                m_new = b1 * m + (1 - b1) * g
+                v_new = b2 * v + (1 - b2) * g * g
+                rms = torch.sqrt(v_new / _per_member(bc2, p)) + eps
+                step = m_new / _per_member(bc1, p) / rms
+            else:
+                v_new = b2 * v + (1 - b2) * g * g
+                rms = torch.sqrt(v_new / _per_member(bc2, p)) + eps
+                m_new = b1 * m + (1 - b1) * g / rms
+                step = m_new / _per_member(bc1, p) + wd * p
+            # Selected, not blended: a frozen member may have non-finite gradients (that is why
+            # it was frozen), and 0 x NaN would still reach its weights.
+            live = _per_member(on, p)
+            m.copy_(torch.where(live, m_new, m))
+            v.copy_(torch.where(live, v_new, v))
+            p.copy_(torch.where(live, p - _per_member(lr, p) * step, p))
+        return norm
+
+    def copy_member(self, src: Tensor, dst: Tensor) -> None:
+        """Members `dst` (index tensor) take the step counts and moments of members `src`
+        (population-based training's exploit; the parameters are copied by the caller)."""
+        self.count.index_copy_(0, dst, self.count[src])
+        for t in self.m + self.v:
+            t.index_copy_(0, dst, t[src])
+
+    def state_dict(self) -> dict:
+        return {
+            "count": self.count,
+            "m": self.m,
+            "v": self.v,
+            "active": self.active,
+            "members": self.members,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("members") != self.members:
+            raise ValueError(
+                f"optimizer state is for {state.get('members')} members, not {self.members}"
+            )
+        if len(state["m"]) != len(self.m) or any(
+            a.shape != b.shape for a, b in zip(state["m"], self.m)
+        ):
+            raise ValueError("optimizer state does not match the parameters")
+        self.count.copy_(state["count"])
+        self.active.copy_(state["active"])
+        for dst, src in zip(self.m + self.v, state["m"] + state["v"]):
+            dst.copy_(src)
