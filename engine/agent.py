@@ -42,6 +42,7 @@ class Agent(nn.Module):
         kw = dict(
             kind=t.optimizer,
             weight_decay=t.weight_decay,
+            betas=(t.adam_beta1, t.adam_beta2),
             eps=t.adam_eps,
             agc=t.agc,
             warmup=t.lr_warmup_steps,

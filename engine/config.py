@@ -8,6 +8,7 @@ DESIGN.md §2 maps the archive's keys onto DreamerV3 sizes: `d_hidden` 256 is th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -184,6 +185,10 @@ class TrainConfig:
     gradients first and then takes momentum of the result (Adam does it the other way round).
     Default laprop, with agc 0.3, no global-norm clips and a 1,000-update warm-up: the official
     optimizer, chosen with the other official switches by the ablation (README)."""
+    adam_beta1: float = 0.9
+    """The optimizer's momentum decay (Adam's beta1, LaProp's momentum; official 0.9)."""
+    adam_beta2: float = 0.999
+    """The decay of its squared-gradient average (official 0.999)."""
     adam_eps: float = 1e-20
     """Epsilon of the optimizer (Adam or LaProp; official LaProp: 1e-20)."""
     wm_grad_clip: float = 0.0
@@ -293,6 +298,62 @@ class LogConfig:
     """Observed steps before the world model predicts open-loop from the actions alone."""
 
 
+# Settings a population member may hold on its own: none changes a tensor's shape, so the
+# members' weights, batches and replay stack along one leading dimension. Every other key is
+# the population's, the same for every member.
+MEMBER_KEYS = (
+    "train.wm_lr",
+    "train.actor_lr",
+    "train.critic_lr",
+    "train.weight_decay",
+    "train.adam_beta1",
+    "train.adam_beta2",
+    "train.adam_eps",
+    "train.wm_grad_clip",
+    "train.actor_grad_clip",
+    "train.critic_grad_clip",
+    "train.agc",
+    "train.gamma",
+    "train.lam",
+    "train.actor_entropy_coef",
+    "train.beta_pred",
+    "train.beta_dyn",
+    "train.beta_rep",
+    "train.image_scale",
+    "train.vector_scale",
+    "train.reward_scale",
+    "train.cont_scale",
+    "train.repval_scale",
+    "train.slow_critic_rate",
+    "train.slow_critic_reg",
+    "train.retnorm_rate",
+    "train.retnorm_limit",
+    "models.free_bits",
+    "models.unimix",
+)
+
+
+@dataclass
+class PBTConfig:
+    """Population-based training: every `every` updates (0 = off), each member in the bottom
+    `quantile` of recent eval returns takes the weights, optimizer state and return normaliser
+    of one in the top `quantile`, and multiplies each of its grid settings by one of `perturb`."""
+
+    every: int = 0
+    quantile: float = 0.25
+    perturb: list[float] = field(default_factory=lambda: [0.8, 1.25])
+
+
+@dataclass
+class PopulationConfig:
+    size: int = 1
+    """Agents trained together in one process, seeds general.seed .. general.seed + size - 1."""
+    grid: dict = field(default_factory=dict)
+    """Per-member settings: {"train.actor_lr" = [one value per member], ...}, keys from
+    MEMBER_KEYS; a key not given is the config's value for every member."""
+    pbt: PBTConfig = field(default_factory=PBTConfig)
+
+
 @dataclass
 class Config:
     general: GeneralConfig = field(default_factory=GeneralConfig)
@@ -300,6 +361,7 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
     name: str = "run"
     """Config name (the file's stem); run directories are named after it."""
 
@@ -366,17 +428,22 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text
-        *parents, leaf = key.split(".")
-        node = cfg
-        for i, part in enumerate(parents):
-            if not dataclasses.is_dataclass(node) or part not in _field_types(type(node)):
-                raise ConfigError(f"{src}: unknown key '{'.'.join(parents[: i + 1])}'")
-            node = getattr(node, part)
-        types = _field_types(type(node)) if dataclasses.is_dataclass(node) else {}
-        # A section cannot be set as a value; a field that may hold a table (a schedule) can.
-        if leaf not in types or dataclasses.is_dataclass(types[leaf]):
-            raise ConfigError(f"{src}: unknown key '{key}'")
-        setattr(node, leaf, _coerce(value, types[leaf], src, key))
+        set_key(cfg, key, value, src)
+
+
+def set_key(cfg: Config, key: str, value: Any, src: str) -> None:
+    """Sets the dotted `key` to `value` (type-checked); a ConfigError naming `src` otherwise."""
+    *parents, leaf = key.split(".")
+    node = cfg
+    for i, part in enumerate(parents):
+        if not dataclasses.is_dataclass(node) or part not in _field_types(type(node)):
+            raise ConfigError(f"{src}: unknown key '{'.'.join(parents[: i + 1])}'")
+        node = getattr(node, part)
+    types = _field_types(type(node)) if dataclasses.is_dataclass(node) else {}
+    # A section cannot be set as a value; a field that may hold a table (a schedule) can.
+    if leaf not in types or dataclasses.is_dataclass(types[leaf]):
+        raise ConfigError(f"{src}: unknown key '{key}'")
+    setattr(node, leaf, _coerce(value, types[leaf], src, key))
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -408,6 +475,10 @@ def _coerce(value: Any, tp: Any, src: str, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(value, typing.get_args(tp), src, key)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: '{key}' must be a table, got {value!r}")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -608,6 +679,8 @@ def validate(cfg: Config, src: str = "config") -> None:
         t.early_stop_patience,
     )
     need(t.adam_eps > 0, "train.adam_eps", "must be > 0", t.adam_eps)
+    for key in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(t, key) < 1, f"train.{key}", "must be in [0, 1)", getattr(t, key))
     need(t.optimizer in ("adam", "laprop"), "train.optimizer", "must be adam|laprop", t.optimizer)
     need(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be >= 0", t.lr_warmup_steps)
     need(
@@ -644,6 +717,65 @@ def validate(cfg: Config, src: str = "config") -> None:
         "must be mode|sample",
         lg.eval_policy,
     )
+    _validate_population(cfg, src, need)
+
+
+def _validate_population(cfg: Config, src: str, need: Any) -> None:
+    pop = cfg.population
+    need(pop.size >= 1, "population.size", "must be >= 1", pop.size)
+    for key, values in pop.grid.items():
+        name = f"population.grid.{key}"
+        if key not in MEMBER_KEYS:
+            known = key in _all_keys()
+            why = "changes tensor shapes or the run's data" if known else "is not a config key"
+            raise ConfigError(
+                f"{src}: '{name}' {why}: a member grid may hold only "
+                f"{', '.join(k.split('.', 1)[1] for k in MEMBER_KEYS)}"
+            )
+        need(isinstance(values, list), name, "must be a list (one value per member)", values)
+        need(
+            len(values) == pop.size,
+            name,
+            f"must hold one value per member ({pop.size}), not {len(values)}",
+            values,
+        )
+    pbt = pop.pbt
+    need(pbt.every >= 0, "population.pbt.every", "must be >= 0 (0 = off)", pbt.every)
+    need(0 < pbt.quantile <= 0.5, "population.pbt.quantile", "must be in (0, 0.5]", pbt.quantile)
+    need(
+        len(pbt.perturb) >= 1 and all(math.isfinite(f) and f > 0 for f in pbt.perturb),
+        "population.pbt.perturb",
+        "must be factors > 0",
+        pbt.perturb,
+    )
+    if pop.grid and pop.size > 1:
+        member_configs(cfg, src)  # each member's values type- and range-checked
+
+
+def _all_keys(cls: type = None, prefix: str = "") -> set[str]:
+    """Every dotted value key of the config."""
+    keys = set()
+    for name, tp in _field_types(cls or Config).items():
+        if dataclasses.is_dataclass(tp):
+            keys |= _all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def member_configs(cfg: Config, src: str = "config") -> list[Config]:
+    """The population's members as single-agent configs: member i has seed general.seed + i,
+    its grid values, and a population of 1 (what a member's run directory holds)."""
+    out = []
+    for i in range(cfg.population.size):
+        member = copy.deepcopy(cfg)
+        member.population = PopulationConfig()
+        member.general.seed = cfg.general.seed + i
+        for key, values in cfg.population.grid.items():
+            set_key(member, key, values[i], f"{src}: population.grid member {i}")
+        validate(member, f"{src}: population member {i}")
+        out.append(member)
+    return out
 
 
 def _validate_entropy_coef(coef: float | Schedule, need: Any) -> None:

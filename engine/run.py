@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> None:
                 fail(f"{run_dir}: already holds a run; continue it with --resume {run_dir}")
     except ConfigError as e:
         fail(str(e))
+    if cfg.population.size > 1:
+        # The [population] table is read and checked (member grids, PBT), but the trainer
+        # still trains one agent: refuse rather than silently train member 0 alone.
+        fail(
+            f"population.size = {cfg.population.size}: training a population in one process "
+            "is not built yet; train the members as separate runs with engine.sweep"
+        )
     # Imported after the config is known good: torch and the envs take seconds to import.
     from engine.envs import EnvError
     from engine.trainer import HealthError, Trainer, TrainingError, require_tensorboard
