@@ -117,10 +117,11 @@ def twohot(y: Tensor, bins: Tensor, space: Space = "symlog") -> Tensor:
     below = (torch.bucketize(x, bins, right=True) - 1).clamp(0, k - 2)  # bins[below] <= x
     lo, hi = bins[below], bins[below + 1]
     w_hi = ((x - lo) / (hi - lo)).clamp(0, 1)
-    out = torch.zeros(*x.shape, k, device=x.device, dtype=x.dtype)
-    out.scatter_(-1, below.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
-    out.scatter_add_(-1, (below + 1).unsqueeze(-1), w_hi.unsqueeze(-1))
-    return out
+    # Out of place (zeros_like of x, scatter, scatter_add): the same values, and it also runs
+    # under torch.func.vmap, which cannot write a batched source into an unbatched buffer.
+    out = torch.zeros_like(x).unsqueeze(-1).expand(*x.shape, k)
+    out = out.scatter(-1, below.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
+    return out.scatter_add(-1, (below + 1).unsqueeze(-1), w_hi.unsqueeze(-1))
 
 
 def _fp32(logits: Tensor) -> Tensor:
