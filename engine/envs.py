@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import signal
 import warnings
 
@@ -26,6 +27,15 @@ BACKENDS = ("envpool", "gymnasium")
 _NUM_ACTIONS = {"CartPole-v1": 2, "LunarLander-v3": 4}
 _VECTOR_DIM = {"CartPole-v1": 4, "LunarLander-v3": 8}
 _LUNAR_FRAME_HEIGHT = 400  # gymnasium renders LunarLander at 400 x 600; frames are only shrunk
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under taskset or a SLURM
+    allocation), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
 
 
 class EnvError(Exception):
@@ -151,6 +161,9 @@ class EnvpoolVecEnv(VecEnv):
             kwargs.update(
                 render_mode="rgb_array", render_width=image_size, render_height=image_size
             )
+        # One stepping thread per available core at most (envpool's default is one per env:
+        # 16 threads on a 2-core machine, competing with the learner's).
+        kwargs["num_threads"] = min(num_envs, available_cores())
         self._env = envpool.make_gymnasium(task, num_envs=num_envs, seed=seed, **kwargs)
         with warnings.catch_warnings():
             # envpool gives float32 spaces float64 bounds, which gymnasium warns about when the

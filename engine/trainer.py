@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
 import random
 import signal
 import time
@@ -76,6 +77,24 @@ def resolve_device(pref: str) -> tuple[torch.device, str | None]:
         return torch.device("cuda"), None
     what = "general.device = cuda" if pref == "cuda" else "device auto"
     return torch.device("cpu"), f"notice: {what}: no CUDA device found, training on the CPU"
+
+
+def thread_summary(cfg: Config) -> str:
+    """One line: the threads this run uses, and what they were chosen from."""
+    from engine.envs import available_cores
+
+    cores = available_cores()
+    envs = (
+        "gymnasium in this process"
+        if cfg.env.backend != "envpool"
+        else (f"envpool {min(cfg.env.num_envs, cores)} threads")
+    )
+    how = "general.threads" if cfg.general.threads else "all available"
+    wait = os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)").lower()
+    return (
+        f"threads: {torch.get_num_threads()} intra-op ({how}; {cores} cores available), "
+        f"OpenMP wait policy {wait}, env stepping: {envs}"
+    )
 
 
 class Trainer:
@@ -195,6 +214,7 @@ class Trainer:
         c, t = self.counters, self.cfg.train
         n = self.param_summary()
         self.progress.write(f"parameters: {n}")
+        self.progress.write(thread_summary(self.cfg))
         self.progress.write(f"run directory: {self.run_dir}")
         if t.lr_scaling != "none":
             lrs = ", ".join(f"{k} {short(v)}" for k, v in self.lrs.items())

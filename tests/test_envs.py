@@ -1,3 +1,5 @@
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -245,3 +247,28 @@ def test_bad_steps(make, backend):
     for action in (np.zeros(3, int), np.array([0, 2]), np.zeros(2, np.float32)):
         with pytest.raises(ValueError):
             env.step(action)
+
+
+def test_envpool_threads_follow_the_available_cores(monkeypatch):
+    pytest.importorskip("envpool")
+    from engine import envs
+
+    assert 1 <= envs.available_cores() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(envs, "available_cores", lambda: 3)
+    env = envs.make_env("CartPole-v1", "envpool", 8, 0, image_size=None)
+    try:
+        assert env._env.config["num_threads"] == 3
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_importing_engine_sets_a_passive_openmp_wait_unless_given(given):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    out = subprocess.run(
+        [sys.executable, "-c", "import engine, os; print(os.environ['OMP_WAIT_POLICY'])"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == (given or "PASSIVE")
