@@ -145,7 +145,10 @@ def measure(
     else:  # process peak RSS (KiB on Linux): the run is alone in its process
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         name = platform.processor() or platform.machine()
-        name = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads) {name}"
+        # The vector ISA too: the machine's CPU model changes between sessions (AVX-512 BF16 one
+        # day, AVX2 the next), and bf16 and compiled code depend on it.
+        isa = torch.backends.cpu.get_cpu_capability()
+        name = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads, {isa}) {name}"
     return dict(
         mode=mode,
         device_name=name,
