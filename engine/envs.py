@@ -91,6 +91,7 @@ class VecEnv:
         draw = task == "CartPole-v1" and image_size is not None
         self._cartpole = CartPoleRenderer(image_size) if draw else None
         self._is_last: np.ndarray | None = None  # per env: did the last returned obs end an episode
+        self.stepping = "gymnasium in this process"  # how the envs are stepped (the run says it)
 
     def reset(self) -> dict[str, np.ndarray]:
         state = self._reset()
@@ -165,6 +166,7 @@ class EnvpoolVecEnv(VecEnv):
         # 16 threads on a 2-core machine, competing with the learner's).
         kwargs["num_threads"] = min(num_envs, available_cores())
         self._env = envpool.make_gymnasium(task, num_envs=num_envs, seed=seed, **kwargs)
+        self.stepping = f"envpool {kwargs['num_threads']} threads"
         with warnings.catch_warnings():
             # envpool gives float32 spaces float64 bounds, which gymnasium warns about when the
             # space is built; it is built lazily on first use and then cached, so build it now.
@@ -211,6 +213,8 @@ class GymnasiumVecEnv(VecEnv):
         if max_episode_steps is not None:
             kwargs["max_episode_steps"] = max_episode_steps
         make = functools.partial(_make_small_render_env, task, kwargs, processes)
+        if processes:
+            self.stepping = f"gymnasium, {num_envs} worker processes"
         try:
             if processes:
                 # spawn, not fork: the parent holds torch's and envpool's threads.

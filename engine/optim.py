@@ -174,7 +174,7 @@ def member_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
 
 
-class StackedOptimizer:
+class StackedOptimizer(Optimizer):
     """The Optimizer of a population: every parameter is stacked, (K, ...) with member k's
     tensor at index k, and every member is updated as a separate Optimizer would update its own
     tensors: its own learning rate, betas, eps, weight decay, AGC and global-norm clip ((K,)
@@ -217,8 +217,7 @@ class StackedOptimizer:
         self.weight_decay = _member_values(weight_decay, k, device, "weight_decay")
         self.clip = _member_values(clip, k, device, "clip")
         self.agc = _member_values(agc, k, device, "agc")
-        # Whether any member clips at all: fixed here, so the update has no branch on a tensor.
-        self.use_agc, self.use_clip = bool((self.agc > 0).any()), bool((self.clip > 0).any())
+        self._note_clips()
         self.active = torch.ones(k, device=device)
         self.count = torch.zeros(k, device=device)
         self.m = [torch.zeros_like(p) for p in self.params]
@@ -235,23 +234,19 @@ class StackedOptimizer:
             raise ValueError(f"no per-member optimizer setting {name!r}")
         t = getattr(self, name)
         t.copy_(_member_values(values, self.members, t.device, name))
+        self._note_clips()
+
+    def _note_clips(self) -> None:
+        """Whether any member clips at all, read here (a host sync, once per setting change)
+        so the update has no branch on a tensor."""
         self.use_agc, self.use_clip = bool((self.agc > 0).any()), bool((self.clip > 0).any())
 
-    def current_lr(self) -> Tensor:
-        """(K,) learning rates of the next update (the warm-up applied)."""
-        if not self.warmup:
-            return self.lr
-        return self.lr * torch.clamp(self.count / self.warmup, max=1.0)
-
-    def step(self, loss: Tensor) -> Tensor:
-        """Gradients of `loss` (the sum of the members' losses), clipping, update. Returns the
-        (K,) gradient norms before clipping."""
-        return step_together(loss, [self])[0]
+    # current_lr and step are Optimizer's: with (K,) lr and count they are per member, and step
+    # returns the (K,) gradient norms before clipping.
 
     def _apply(self, grads: list[Tensor]) -> Tensor:
         ps = self.params
         norm = member_norms(grads).square().sum(0).sqrt()  # (K,)
-        grads = list(grads)
         if self.use_agc:
             gn = member_norms(grads)  # (n, K)
             pn = member_norms([p.detach() for p in ps])
@@ -273,14 +268,13 @@ class StackedOptimizer:
             b1, b2 = _per_member(self.b1, p), _per_member(self.b2, p)
             eps, wd = _per_member(self.eps, p), _per_member(self.weight_decay, p)
             if self.kind == "adam":
-                g = g + wd * p
+                g = g + wd * p  # L2 decay, into the gradient as torch's Adam adds it
+            v_new = b2 * v + (1 - b2) * g * g
+            rms = torch.sqrt(v_new / _per_member(bc2, p)) + eps
+            if self.kind == "adam":  # momentum of the gradient, then divided by the RMS
                 m_new = b1 * m + (1 - b1) * g
-                v_new = b2 * v + (1 - b2) * g * g
-                rms = torch.sqrt(v_new / _per_member(bc2, p)) + eps
                 step = m_new / _per_member(bc1, p) / rms
-            else:
-                v_new = b2 * v + (1 - b2) * g * g
-                rms = torch.sqrt(v_new / _per_member(bc2, p)) + eps
+            else:  # LaProp: momentum of the RMS-normalised gradient, decoupled decay
                 m_new = b1 * m + (1 - b1) * g / rms
                 step = m_new / _per_member(bc1, p) + wd * p
             # Selected, not blended: a frozen member may have non-finite gradients (that is why
@@ -312,11 +306,5 @@ class StackedOptimizer:
             raise ValueError(
                 f"optimizer state is for {state.get('members')} members, not {self.members}"
             )
-        if len(state["m"]) != len(self.m) or any(
-            a.shape != b.shape for a, b in zip(state["m"], self.m)
-        ):
-            raise ValueError("optimizer state does not match the parameters")
-        self.count.copy_(state["count"])
+        super().load_state_dict(state)
         self.active.copy_(state["active"])
-        for dst, src in zip(self.m + self.v, state["m"] + state["v"]):
-            dst.copy_(src)

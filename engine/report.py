@@ -436,7 +436,7 @@ def parse_ylim(text: str) -> tuple[float, float]:
             raise ValueError
         lo, hi = (float(p) if p.strip() else math.nan for p in parts)
     except ValueError:
-        raise ReportError(f"--ylim {text!r}: expected LO:HI, e.g. --ylim -300:320") from None
+        raise ReportError(f"--ylim {text!r}: expected LO:HI, e.g. --ylim=-300:320") from None
     if math.isfinite(lo) and math.isfinite(hi) and lo >= hi:
         raise ReportError(f"--ylim {text!r}: LO must be below HI")
     return lo, hi
@@ -463,12 +463,11 @@ def plot_eval(
         for r in recs
     ]
     every = [v for v in every if math.isfinite(v)]
-    auto = eval_ylim(every)
-    if ylim is not None:
-        lo = ylim[0] if math.isfinite(ylim[0]) else (auto or (min(every, default=0.0),))[0]
-        hi = ylim[1] if math.isfinite(ylim[1]) else (auto or (0.0, max(every, default=1.0)))[1]
-        auto = (lo, hi) if lo < hi else None
-    clip = auto
+    clip = eval_ylim(every)
+    if ylim is not None:  # a NaN end takes the automatic one (or the data's own)
+        auto = clip or (min(every, default=0.0), max(every, default=1.0))
+        lo, hi = (given if math.isfinite(given) else a for given, a in zip(ylim, auto))
+        clip = (lo, hi) if lo < hi else None
     outside = 0
     fig = Figure(figsize=(13, 4.8), layout="constrained")
     ax_env, ax_wall = fig.subplots(1, 2)
@@ -479,8 +478,7 @@ def plot_eval(
             ret = np.array([num(r.get("episode_return")) for r in eps])
             env = np.array([num(r.get("env_steps")) for r in eps])
             wall = wall_times(run, eps, "env_steps")
-            if clip is not None:
-                outside += int(((ret < clip[0]) | (ret > clip[1])).sum())
+            outside += _count_beyond(ret, clip)
             for ax, x in ((ax_env, env), (ax_wall, wall)):
                 ax.plot(x, ret, ".", color=color, alpha=0.3, ms=4, zorder=1)
                 _edge_markers(ax, x, ret, clip, color, alpha=0.3, ms=4)
@@ -491,8 +489,7 @@ def plot_eval(
         std = np.array([num(r.get("eval_return_std")) for r in evs])
         env = np.array([num(r.get("env_steps")) for r in evs])
         wall = wall_times(run, evs, "step")
-        if clip is not None:
-            outside += int(((mean < clip[0]) | (mean > clip[1])).sum())
+        outside += _count_beyond(mean, clip)
         for ax, x in ((ax_env, env), (ax_wall, wall)):
             ax.plot(x, mean, "-o", color=color, ms=3.5, lw=1.6, zorder=3)
             _edge_markers(ax, x, mean, clip, color, alpha=1.0, ms=6)
@@ -538,6 +535,10 @@ def plot_eval(
     _run_legend(fig, runs)
     _save(fig, canvas, path)
     return True
+
+
+def _count_beyond(y: Any, clip: tuple[float, float] | None) -> int:
+    return 0 if clip is None else int(((y < clip[0]) | (y > clip[1])).sum())
 
 
 def _edge_markers(

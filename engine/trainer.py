@@ -29,7 +29,7 @@ from engine.config import (
     save_toml,
     to_dict,
 )
-from engine.envs import make_env
+from engine.envs import available_cores, make_env
 from engine.evaluate import episode_ends, play_episodes
 from engine.logger import MetricsLog, Progress, truncate_metrics
 from engine.nvtx import ProfileWindow, nvtx_range
@@ -79,21 +79,14 @@ def resolve_device(pref: str) -> tuple[torch.device, str | None]:
     return torch.device("cpu"), f"notice: {what}: no CUDA device found, training on the CPU"
 
 
-def thread_summary(cfg: Config) -> str:
-    """One line: the threads this run uses, and what they were chosen from."""
-    from engine.envs import available_cores
-
-    cores = available_cores()
-    envs = (
-        "gymnasium in this process"
-        if cfg.env.backend != "envpool"
-        else (f"envpool {min(cfg.env.num_envs, cores)} threads")
-    )
+def thread_summary(cfg: Config, stepping: str) -> str:
+    """One line: the threads this run uses, and what they were chosen from; `stepping` is the
+    env's own account of how it steps (VecEnv.stepping)."""
     how = "general.threads" if cfg.general.threads else "all available"
     wait = os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)").lower()
     return (
-        f"threads: {torch.get_num_threads()} intra-op ({how}; {cores} cores available), "
-        f"OpenMP wait policy {wait}, env stepping: {envs}"
+        f"threads: {torch.get_num_threads()} intra-op ({how}; {available_cores()} cores "
+        f"available), OpenMP wait policy {wait}, env stepping: {stepping}"
     )
 
 
@@ -214,7 +207,7 @@ class Trainer:
         c, t = self.counters, self.cfg.train
         n = self.param_summary()
         self.progress.write(f"parameters: {n}")
-        self.progress.write(thread_summary(self.cfg))
+        self.progress.write(thread_summary(self.cfg, self.env.stepping))
         self.progress.write(f"run directory: {self.run_dir}")
         if t.lr_scaling != "none":
             lrs = ", ".join(f"{k} {short(v)}" for k, v in self.lrs.items())

@@ -117,11 +117,14 @@ def twohot(y: Tensor, bins: Tensor, space: Space = "symlog") -> Tensor:
     below = (torch.bucketize(x, bins, right=True) - 1).clamp(0, k - 2)  # bins[below] <= x
     lo, hi = bins[below], bins[below + 1]
     w_hi = ((x - lo) / (hi - lo)).clamp(0, 1)
-    # Out of place (zeros_like of x, scatter, scatter_add): the same values, and it also runs
-    # under torch.func.vmap, which cannot write a batched source into an unbatched buffer.
-    out = torch.zeros_like(x).unsqueeze(-1).expand(*x.shape, k)
-    out = out.scatter(-1, below.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
-    return out.scatter_add(-1, (below + 1).unsqueeze(-1), w_hi.unsqueeze(-1))
+    # The buffer is made from x (zeros_like, then materialised), not with torch.zeros: the same
+    # single allocation, and under torch.func.vmap it is batched like x, so the in-place
+    # scatters below can write a batched source into it (vmap runs them through its slower
+    # per-member fallback; the single-agent path keeps one buffer and no copies).
+    out = torch.zeros_like(x).unsqueeze(-1).expand(*x.shape, k).contiguous()
+    out.scatter_(-1, below.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
+    out.scatter_add_(-1, (below + 1).unsqueeze(-1), w_hi.unsqueeze(-1))
+    return out
 
 
 def _fp32(logits: Tensor) -> Tensor:
