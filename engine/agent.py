@@ -29,13 +29,18 @@ class Agent(nn.Module):
         num_actions: int,
         device: torch.device | str = "cpu",
         opts: FastOptions | None = None,
+        member: bool = False,
     ):
+        """`member`: one agent of a population (engine.population), its per-member settings
+        held as tensors so that the members' values stack."""
         super().__init__()
         opts = opts or FastOptions()
         self.cfg, self.opts, self.device = cfg, opts, torch.device(device)
         self.num_actions = num_actions
-        self.wm = WorldModel(cfg, vector_dim, num_actions, opts.kernels, opts.batched_wgrad)
-        self.behavior = Behavior(cfg, num_actions, opts.kernels)
+        self.wm = WorldModel(
+            cfg, vector_dim, num_actions, opts.kernels, opts.batched_wgrad, member=member
+        )
+        self.behavior = Behavior(cfg, num_actions, opts.kernels, member=member)
         self.to(device)  # before the optimizers: their state lives beside the parameters
         t = cfg.train
         lr = effective_lrs(t)  # scaled with the batch size under train.lr_scaling
@@ -83,6 +88,29 @@ class Agent(nn.Module):
         which the learner writes back to the replay under train.replay_context. With
         replay_context the learner's batch is one step longer and carries the stored posteriors
         (deter, stoch): its first step's posterior and action start the sequence."""
+        loss, metrics, (deter, stoch), batch = self.wm_forward(batch)
+        if self.cfg.general.train_world_model:
+            with nvtx_range("world_model/backward+optimizer"):
+                metrics["wm_grad_norm"] = self.wm_opt.step(loss)
+        if train_behavior:
+            actor_loss, critic_loss, beh = self.behavior_forward(
+                deter, stoch, batch, self.entropy_coef
+            )
+            metrics.update(beh)
+            # The actor's loss does not depend on the critic's parameters nor the critic's on the
+            # actor's, so the gradient of the sum w.r.t. each set is that set's own gradient.
+            with nvtx_range("actor_critic/backward+optimizer"):
+                norms = step_together(actor_loss + critic_loss, [self.actor_opt, self.critic_opt])
+                metrics["actor_grad_norm"], metrics["critic_grad_norm"] = norms
+                self.behavior.update_slow_critic()
+        return metrics, (deter, stoch)
+
+    def wm_forward(
+        self, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor], tuple[Tensor, Tensor], dict[str, Tensor]]:
+        """The world-model loss of `learn` without its optimizer step (a population runs it
+        per member under vmap): loss, metrics, posterior, and the batch without its context
+        step."""
         start = None
         # A batch without stored posteriors (tests, benchmarks) starts from zeros as before.
         if self.replay_context and "deter" in batch:
@@ -93,24 +121,16 @@ class Agent(nn.Module):
             )
             batch = {k: v[:, 1:] for k, v in batch.items()}
         with nvtx_range("world_model/forward"), autocast(self.opts, self.device):
-            loss, metrics, (deter, stoch) = self.wm.loss(batch, start)
-        if self.cfg.general.train_world_model:
-            with nvtx_range("world_model/backward+optimizer"):
-                metrics["wm_grad_norm"] = self.wm_opt.step(loss)
-        if train_behavior:
-            replay = {k: batch[k] for k in ("reward", "is_last", "is_terminal")}
-            with autocast(self.opts, self.device):
-                actor_loss, critic_loss, beh = self.behavior.loss(
-                    self.wm, deter, stoch, replay, self.entropy_coef
-                )
-            metrics.update(beh)
-            # The actor's loss does not depend on the critic's parameters nor the critic's on the
-            # actor's, so the gradient of the sum w.r.t. each set is that set's own gradient.
-            with nvtx_range("actor_critic/backward+optimizer"):
-                norms = step_together(actor_loss + critic_loss, [self.actor_opt, self.critic_opt])
-                metrics["actor_grad_norm"], metrics["critic_grad_norm"] = norms
-                self.behavior.update_slow_critic()
-        return metrics, (deter, stoch)
+            loss, metrics, posterior = self.wm.loss(batch, start)
+        return loss, metrics, posterior, batch
+
+    def behavior_forward(
+        self, deter: Tensor, stoch: Tensor, batch: dict[str, Tensor], entropy_coef: Tensor
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The actor and critic losses of `learn` from the posterior, without their step."""
+        replay = {k: batch[k] for k in ("reward", "is_last", "is_terminal")}
+        with autocast(self.opts, self.device):
+            return self.behavior.loss(self.wm, deter, stoch, replay, entropy_coef)
 
     # ---- Acting -----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from engine import dists
 from engine.config import Config
-from engine.nets import MLP
+from engine.nets import MLP, hold_settings
 from engine.nvtx import nvtx_range
 
 
@@ -71,9 +71,9 @@ class ReturnNorm(nn.Module):
     same meaning whether rewards are sparse or dense (DreamerV3, Hafner et al.).
     init "first": the first batch sets the percentiles; "zero" (official): the EMA starts at 0."""
 
-    def __init__(self, rate: float, limit: float, init: str = "first"):
+    def __init__(self, rate: float, limit: float, init: str = "first", member: bool = False):
         super().__init__()
-        self.rate, self.limit = rate, limit
+        hold_settings(self, dict(rate=rate, limit=limit), member)
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
         # With init "zero" the EMA counts as started from the zeros above.
@@ -84,8 +84,10 @@ class ReturnNorm(nn.Module):
         q = dists.percentiles(ret.detach().float(), (0.05, 0.95))
         # The first batch sets the statistics directly: no host-side branch, so no sync.
         rate = torch.where(self.initialised, self.rate, 1.0)
-        self.lo.lerp_(q[0], rate)
-        self.hi.lerp_(q[1], rate)
+        # Out-of-place lerp copied back: the same values, and under vmap (a population) the
+        # in-place lerp_ with a tensor weight would run a per-member loop.
+        self.lo.copy_(torch.lerp(self.lo, q[0], rate))
+        self.hi.copy_(torch.lerp(self.hi, q[1], rate))
         self.initialised.fill_(True)
 
     def scale(self) -> Tensor:
@@ -93,19 +95,23 @@ class ReturnNorm(nn.Module):
 
 
 class Behavior(nn.Module):
-    def __init__(self, cfg: Config, num_actions: int, kernels: str = "torch"):
+    def __init__(self, cfg: Config, num_actions: int, kernels: str = "torch", member: bool = False):
+        """`member`: a population member's, its per-member settings held as tensors."""
         super().__init__()
         self.kernels = kernels
         m, t = cfg.models, cfg.train
         feat, units, layers = cfg.deter + cfg.stoch, m.d_hidden, m.encoder.mlp.n_layers
-        self.num_actions, self.unimix = num_actions, m.unimix
-        self.gamma, self.lam, self.horizon = t.gamma, t.lam, t.num_dream_steps
-        self.slow_rate, self.slow_reg = t.slow_critic_rate, t.slow_critic_reg
-        self.repval_scale, self.space = t.repval_scale, m.twohot_space
+        self.num_actions, self.horizon, self.space = num_actions, t.num_dream_steps, m.twohot_space
+        settings = dict(unimix=m.unimix, gamma=t.gamma, lam=t.lam, repval_scale=t.repval_scale)
+        settings.update(slow_rate=t.slow_critic_rate, slow_reg=t.slow_critic_reg)
+        hold_settings(self, settings, member)
+        # Whether the replayed-value loss is computed at all: a branch on the config, not on a
+        # (possibly per-member) tensor. A population computes it when any member uses it.
+        self.use_repval = t.repval_scale != 0
         self.actor = MLP(feat, units, layers, num_actions, outscale=0.01, init=m.init)
         self.critic = MLP(feat, units, layers, m.num_bins, outscale=0.0, init=m.init)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.retnorm = ReturnNorm(t.retnorm_rate, t.retnorm_limit, t.retnorm_init)
+        self.retnorm = ReturnNorm(t.retnorm_rate, t.retnorm_limit, t.retnorm_init, member)
         self.register_buffer(
             "bins", dists.make_bins(m.num_bins, space=m.twohot_space), persistent=False
         )
@@ -191,7 +197,7 @@ class Behavior(nn.Module):
         )
         critic_loss = (weight * critic_ce).mean()
         metrics = {}
-        if self.repval_scale:
+        if self.use_repval:
             repval = self.repval_loss(critic_logits[0], slow_value[0], ret[0], replay)
             metrics["repval_loss"] = repval.detach()
             critic_loss = critic_loss + self.repval_scale * repval

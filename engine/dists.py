@@ -32,17 +32,18 @@ __all__ = [
 ]
 
 
-def unimix_probs(logits: Tensor, unimix: float) -> Tensor:
-    """Softmax mixed with 1% uniform: no class has probability 0, so KL and log-probs are finite."""
+def unimix_probs(logits: Tensor, unimix: float | Tensor) -> Tensor:
+    """Softmax mixed with 1% uniform: no class has probability 0, so KL and log-probs are finite.
+    A tensor `unimix` (a population member's) is always mixed in: no branch on its value."""
     probs = F.softmax(logits, -1)
-    if unimix > 0:
+    if isinstance(unimix, Tensor) or unimix > 0:
         probs = (1 - unimix) * probs + unimix / logits.shape[-1]
     return probs
 
 
-def unimix_logits(logits: Tensor, unimix: float) -> Tensor:
+def unimix_logits(logits: Tensor, unimix: float | Tensor) -> Tensor:
     """Normalised log-probabilities of the unimix categorical."""
-    if unimix == 0:
+    if not isinstance(unimix, Tensor) and unimix == 0:
         return F.log_softmax(logits, -1)
     return torch.log(unimix_probs(logits, unimix))
 
@@ -83,7 +84,12 @@ def categorical_kl(logp: Tensor, logq: Tensor) -> Tensor:
     return (logp.exp() * (logp - logq)).sum((-2, -1))
 
 
-def kl_losses(post_logits: Tensor, prior_logits: Tensor, unimix: float, free_bits: float):
+def kl_losses(
+    post_logits: Tensor,
+    prior_logits: Tensor,
+    unimix: float | Tensor,
+    free_bits: float | Tensor,
+):
     """DreamerV3's dynamics and representation KL terms with free bits.
 
     dyn = max(free, KL(sg(post) || prior)) trains the prior; rep = max(free, KL(post || sg(prior)))
@@ -94,7 +100,8 @@ def kl_losses(post_logits: Tensor, prior_logits: Tensor, unimix: float, free_bit
     prior = unimix_logits(prior_logits, unimix)
     kl_dyn = categorical_kl(post.detach(), prior)
     kl_rep = categorical_kl(post, prior.detach())
-    return kl_dyn.clamp_min(free_bits), kl_rep.clamp_min(free_bits), kl_dyn.detach()
+    dyn, rep = torch.clamp(kl_dyn, min=free_bits), torch.clamp(kl_rep, min=free_bits)
+    return dyn, rep, kl_dyn.detach()
 
 
 def categorical_entropy(logp: Tensor) -> Tensor:

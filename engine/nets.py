@@ -32,6 +32,18 @@ def trunc_normal_in_(
     nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
 
 
+def hold_settings(module: nn.Module, values: dict[str, float], tensors: bool = False) -> None:
+    """Sets each of `values` on `module`: as a float attribute (a single agent), or with
+    `tensors` as a 0-dim non-persistent buffer (a population member: stack_module_state stacks
+    the members' buffers, so each member's update reads its own value, and checkpoints do not
+    change). The code reading them is the same for both: arithmetic, clamp and where."""
+    for name, value in values.items():
+        if tensors:
+            module.register_buffer(name, torch.tensor(float(value)), persistent=False)
+        else:
+            setattr(module, name, float(value))
+
+
 class Linear(nn.Linear):
     """`fan_in` overrides the input width in the init, for a layer that is one part of a wider
     one (its other part applied elsewhere)."""

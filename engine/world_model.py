@@ -20,6 +20,7 @@ from engine.nets import (
     RMSNorm,
     WeightGradTap,
     cnn_channels,
+    hold_settings,
     tapped_linear,
 )
 
@@ -32,15 +33,22 @@ class WorldModel(nn.Module):
         num_actions: int,
         kernels: str = "torch",
         batched_wgrad: bool = False,
+        member: bool = False,
     ):
+        """`member`: a population member's model, its per-member settings held as tensors
+        (`hold_settings`)."""
         super().__init__()
         self.kernels, self.batched_wgrad = kernels, batched_wgrad
-        m = cfg.models
+        m, t = cfg.models, cfg.train
         mlp, cnn = m.encoder.mlp, m.encoder.cnn
         self.L, self.K = mlp.latents, mlp.latent_categories
         self.deter, self.stoch = cfg.deter, cfg.stoch
-        self.num_actions, self.unimix, self.free_bits = num_actions, m.unimix, m.free_bits
-        self.scales = cfg.train  # beta_* and *_scale: the loss weights
+        self.num_actions = num_actions
+        # The loss weights and latent settings, which a population's members may each set.
+        scales = ("beta_pred", "beta_dyn", "beta_rep", "image_scale", "vector_scale")
+        scales += ("reward_scale", "cont_scale")
+        settings = {k: getattr(t, k) for k in scales}
+        hold_settings(self, dict(settings, unimix=m.unimix, free_bits=m.free_bits), member)
         self.use_image, self.use_vector = cfg.env.image, cfg.env.vector
         self.twohot_space, init = m.twohot_space, m.init
         units, size = m.d_hidden, cnn.target_size[0]
@@ -243,7 +251,7 @@ class WorldModel(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Decoders, heads and KL over the whole posterior sequence: one static-shape graph
         (compiled on the fast path) after the step-by-step observe loop."""
-        sc = self.scales
+        sc = self
         prior_logits = self.prior_logits(deter)  # the prior needs only deter: one batched call
         dyn, rep, kl = dists.kl_losses(post_logits, prior_logits, self.unimix, self.free_bits)
         feat = self.feat(deter, stoch)

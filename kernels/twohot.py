@@ -117,13 +117,14 @@ def twohot(y: Tensor, bins: Tensor, space: Space = "symlog") -> Tensor:
     below = (torch.bucketize(x, bins, right=True) - 1).clamp(0, k - 2)  # bins[below] <= x
     lo, hi = bins[below], bins[below + 1]
     w_hi = ((x - lo) / (hi - lo)).clamp(0, 1)
-    # The buffer is made from x (zeros_like, then materialised), not with torch.zeros: the same
-    # single allocation, and under torch.func.vmap it is batched like x, so the in-place
-    # scatters below can write a batched source into it (vmap runs them through its slower
-    # per-member fallback; the single-agent path keeps one buffer and no copies).
-    out = torch.zeros_like(x).unsqueeze(-1).expand(*x.shape, k).contiguous()
-    out.scatter_(-1, below.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
-    out.scatter_add_(-1, (below + 1).unsqueeze(-1), w_hi.unsqueeze(-1))
+    # By comparison with the bin indices, not by scattering into a zeros buffer: the same values
+    # (each entry is one weight plus exact zeros), and under torch.func.vmap (a population's
+    # members) every op has a batching rule, where in-place scatters ran vmap's per-member loop.
+    idx = torch.arange(k, device=x.device)
+    below = below.unsqueeze(-1)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    out = torch.where(idx == below, (1 - w_hi).unsqueeze(-1), zero)
+    out = out + torch.where(idx == below + 1, w_hi.unsqueeze(-1), zero)
     return out
 
 
