@@ -40,8 +40,16 @@ def transition_spec(
 
 
 class Replay:
-    def __init__(self, capacity: int, num_envs: int, spec: Spec, device: torch.device):
-        self.num_envs = num_envs
+    """`members` > 1: a population's replay, one ring over all members' envs (member k owns envs
+    k*n .. k*n + n - 1, n = num_envs / members; the (C, K*n) storage is the (C, K, n) ring) and
+    every member samples only its own envs' data."""
+
+    def __init__(
+        self, capacity: int, num_envs: int, spec: Spec, device: torch.device, members: int = 1
+    ):
+        if members < 1 or num_envs % members:
+            raise ValueError(f"{num_envs} envs do not split into {members} members")
+        self.num_envs, self.members = num_envs, members
         self.slots = capacity // num_envs
         self.device = device
         self.data = {
@@ -96,21 +104,26 @@ class Replay:
         self, batch: int, length: int, generator: torch.Generator | None = None
     ) -> dict[str, Tensor]:
         """Uniform over every window of `length` steps that does not cross the write head.
-        Returns {key: (batch, length, ...)}."""
+        Returns {key: (batch, length, ...)}; with members, (members x batch, length, ...): rows
+        k*batch .. k*batch + batch - 1 are member k's, from its own envs."""
         return self.gather(*self.sample_indices(batch, length, generator))
 
     def sample_indices(
         self, batch: int, length: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """The rows (slot t, env e) of `sample`'s windows, each (batch, length)."""
+        """The rows (slot t, env e) of `sample`'s windows, each (members x batch, length)."""
         held = torch.clamp(self._count, max=self.slots)
         oldest = self._count - held  # logical index of the oldest step held
         starts = held - length + 1  # valid window starts per environment
-        u = torch.rand(batch, device=self.device, generator=generator)
+        rows, per_member = self.members * batch, self.num_envs // self.members
+        u = torch.rand(rows, device=self.device, generator=generator)
         start = oldest + (u * starts).long().clamp(max=starts - 1)
-        env = torch.randint(self.num_envs, (batch,), device=self.device, generator=generator)
-        t = (start[:, None] + torch.arange(length, device=self.device)) % self.slots  # (B, T)
-        return t, env[:, None].expand(batch, length)
+        env = torch.randint(per_member, (rows,), device=self.device, generator=generator)
+        if self.members > 1:  # every member's rows from its own envs
+            member = torch.arange(rows, device=self.device) // batch
+            env = env + member * per_member
+        t = (start[:, None] + torch.arange(length, device=self.device)) % self.slots  # (R, T)
+        return t, env[:, None].expand(rows, length)
 
     def gather(self, t: Tensor, e: Tensor) -> dict[str, Tensor]:
         return {k: v[t, e] for k, v in self.data.items()}

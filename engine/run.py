@@ -24,6 +24,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_set_option(p, "override a config key, e.g. --set train.batch_size=16 (repeatable)")
     p.add_argument("--run-dir", help="run directory (default runs/<MM-DD_HHMM>_<config name>)")
+    p.add_argument(
+        "--population",
+        type=int,
+        metavar="K",
+        help="train K agents in one process, seeds general.seed .. general.seed + K - 1 "
+        "(overrides population.size; on --resume it must match the run's)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides general.device")
     p.add_argument(
         "--profile",
@@ -52,11 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"general.device={args.device}"] if args.device else [])
     overrides += [f'general.profile="{args.profile}"'] if args.profile else []
+    overrides += [f"population.size={args.population}"] if args.population is not None else []
     try:
         if args.resume:
             run_dir = Path(args.resume)
             if not (run_dir / "config.toml").is_file():
                 fail(f"{run_dir}: not a run directory (no config.toml)")
+            if args.population is not None:
+                size = load_config(run_dir / "config.toml").population.size
+                if size != args.population:
+                    fail(
+                        f"{run_dir}: holds a population of {size}, not {args.population} "
+                        "(--population); a run resumes with its own members"
+                    )
             cfg = load_config(run_dir / "config.toml", overrides)
         else:
             cfg = load_config(args.config, overrides)
@@ -65,21 +80,20 @@ def main(argv: list[str] | None = None) -> None:
                 fail(f"{run_dir}: already holds a run; continue it with --resume {run_dir}")
     except ConfigError as e:
         fail(str(e))
-    if cfg.population.size > 1:
-        # The [population] table is read and checked (member grids, PBT), but the trainer
-        # still trains one agent: refuse rather than silently train member 0 alone.
-        fail(
-            f"population.size = {cfg.population.size}: training a population in one process "
-            "is not built yet; train the members as separate runs with engine.sweep"
-        )
     # Imported after the config is known good: torch and the envs take seconds to import.
     from engine.envs import EnvError
     from engine.trainer import HealthError, Trainer, TrainingError, require_tensorboard
 
+    population = cfg.population.size > 1
+    # A population's checkpoint is population.pt plus member_*/checkpoints/latest.pt.
+    saved = run_dir / "checkpoints" / ("population.pt" if population else "latest.pt")
+    members = f"; members in {run_dir}/member_*/" if population else ""
     try:
         if cfg.log.tensorboard:
             require_tensorboard()  # before the run directory is made
         run_dir.mkdir(parents=True, exist_ok=True)
+        if population:
+            from engine.population import PopulationTrainer as Trainer
         trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
         try:
             result = trainer.run()
@@ -91,18 +105,20 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted: checkpoint written to {run_dir / 'checkpoints' / 'latest.pt'}; "
+            f"\ninterrupted: checkpoint written to {saved}; "
             f"continue with: python -m engine.run --resume {run_dir}",
             file=sys.stderr,
         )
         sys.exit(130)
     mb = result["checkpoint_bytes"] / 1e6
     early = f" ({result['stop_kind']})" if result["stop_reason"] else ""
+    k = cfg.population.size
+    mean, best = (f" (mean of {k} members)", " (best member)") if population else ("", "")
     print(
         f"done{early}: {result['step']} updates, {result['env_steps']} env steps, "
-        f"{result['wall_time']:.0f} s, last eval {result['last_eval']:.1f}, "
-        f"best eval {result['best_eval']:.1f}, checkpoint {mb:.1f} MB "
-        f"({run_dir / 'checkpoints' / 'latest.pt'})"
+        f"{result['wall_time']:.0f} s, last eval {result['last_eval']:.1f}{mean}, "
+        f"best eval {result['best_eval']:.1f}{best}, checkpoint {mb:.1f} MB "
+        f"({saved}){members}"
     )
 
 

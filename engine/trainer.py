@@ -79,6 +79,29 @@ def resolve_device(pref: str) -> tuple[torch.device, str | None]:
     return torch.device("cpu"), f"notice: {what}: no CUDA device found, training on the CPU"
 
 
+def replay_bytes(spec: dict, capacity: int) -> int:
+    """Bytes a replay of `capacity` steps with fields `spec` (transition_spec) takes."""
+    per_step = sum(
+        math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        for shape, dtype in spec.values()
+    )
+    return per_step * capacity
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` (CUDA: the driver's count; CPU: MemAvailable), 0 if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def thread_summary(cfg: Config, stepping: str) -> str:
     """One line: the threads this run uses, and what they were chosen from; `stepping` is the
     env's own account of how it steps (VecEnv.stepping)."""
@@ -91,6 +114,12 @@ def thread_summary(cfg: Config, stepping: str) -> str:
 
 
 class Trainer:
+    """One agent's training run. engine.population.PopulationTrainer extends it to K agents in
+    one process: `members` multiplies the envs and the replay, and the hooks marked below are
+    where the two differ."""
+
+    members = 1  # agents trained together (a population's size)
+
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
         # Optional packages first: a missing one fails before anything is built or written.
@@ -116,17 +145,16 @@ class Trainer:
             use_vector=e.vector,
             processes=e.processes,
         )
-        self.env = envs(e.num_envs, seed)
-        self.eval_env = envs(cfg.log.eval_episodes, seed + 10_000)
+        k = self.members
+        self.env = envs(e.num_envs * k, seed)
+        self.eval_env = envs(cfg.log.eval_episodes * k, seed + 10_000)
         self.opts, notices = fast.resolve(cfg.general, self.device)
         for line in notices:
             self.progress.write(line)
-        self.agent = Agent(cfg, self.env.vector_dim, self.env.num_actions, self.device, self.opts)
-        if self.opts.compile:
-            fast.compile_agent(self.agent)
-        self.replay = Replay(
-            cfg.train.replay_buffer_size, e.num_envs, self._replay_spec(), self.device
-        )
+        self.agent = self._make_agent()
+        capacity, spec = cfg.train.replay_buffer_size * k, self._replay_spec()
+        self._check_replay_memory(capacity, spec)
+        self.replay = Replay(capacity, e.num_envs * k, spec, self.device, members=k)
         t = cfg.train
         self.learner = fast.Learner(
             self.agent, self.replay, t.batch_size, t.sequence_length, self.opts
@@ -168,7 +196,7 @@ class Trainer:
         self._pending: Future | None = None
         self._started: float | None = None  # perf_counter() when this segment began training
         self.lrs = effective_lrs(cfg.train)
-        self._entropy_coef = actor_entropy_coef_at(cfg.train, c["step"])
+        self._entropy_coef = self._entropy_coef_at(c["step"])
         self.agent.set_entropy_coef(self._entropy_coef)
         self.stop_reason: str | None = None
         self.stop_kind = ""  # "early stop" or "solved", with stop_reason
@@ -181,6 +209,31 @@ class Trainer:
         if cfg.log.dream_video and not self.dreams:
             why = "env.image = false" if not cfg.env.image else "log.eval_every = 0"
             self.progress.write(f"note: log.dream_video: no dream videos with {why}")
+
+    def _make_agent(self):
+        """The learner (hook: a population builds a PopulationAgent)."""
+        env = self.env
+        agent = Agent(self.cfg, env.vector_dim, env.num_actions, self.device, self.opts)
+        if self.opts.compile:
+            fast.compile_agent(agent)
+        return agent
+
+    def _check_replay_memory(self, capacity: int, spec) -> None:
+        """Says what the replay will take and, before it is allocated, refuses one that would
+        not fit in the device's free memory (a population's is K times a member's)."""
+        need, free = replay_bytes(spec, capacity), free_memory(self.device)
+        k, per = self.members, self.cfg.train.replay_buffer_size
+        what = f"{k} members x {per:,} steps" if k > 1 else f"{per:,} steps"
+        where = f"{self.device.type}, {free / 1e9:.1f} GB free" if free else self.device.type
+        self.progress.write(f"replay: {what} = {need / 1e9:.2f} GB on the device ({where})")
+        if free and need > 0.9 * free:
+            whose = f"{k} members x " if k > 1 else ""
+            lower = " or population.size" if k > 1 else ""
+            raise TrainingError(
+                f"the replay needs {need / 1e9:.1f} GB ({whose}train.replay_buffer_size "
+                f"{per:,}) but the {self.device.type} has {free / 1e9:.1f} GB free: lower "
+                f"train.replay_buffer_size{lower}"
+            )
 
     def _replay_spec(self):
         cfg = self.cfg
@@ -333,18 +386,25 @@ class Trainer:
     def _track_episodes(self, obs) -> None:
         ep_ret = self._ep_ret = np.where(obs["is_first"], 0.0, self._ep_ret) + obs["reward"]
         ep_len = self._ep_len = np.where(obs["is_first"], 0, self._ep_len + 1)
-        c = self.counters
         for i in np.flatnonzero(obs["is_last"]):
-            c["episodes"] += 1
-            self.last_return = float(ep_ret[i])
-            self._record("episode", episode_return=self.last_return, episode_length=int(ep_len[i]))
+            self._episode_end(int(i), float(ep_ret[i]), int(ep_len[i]))
+
+    def _episode_end(self, env: int, ret: float, length: int) -> None:
+        """Hook: a training episode ended in env `env`."""
+        self.counters["episodes"] += 1
+        self.last_return = ret
+        self._record("episode", episode_return=ret, episode_length=length)
+
+    def _entropy_coef_at(self, step: int):
+        """Hook: the actor's entropy coefficient at `step` (a population's, one per member)."""
+        return actor_entropy_coef_at(self.cfg.train, step)
 
     # ---- Learning -----------------------------------------------------------------------------
 
     def _update(self) -> None:
         cfg, c = self.cfg, self.counters
         self.window.at_step(c["step"])
-        coef = actor_entropy_coef_at(cfg.train, c["step"])
+        coef = self._entropy_coef_at(c["step"])
         if coef != self._entropy_coef:  # refilled in place: no recompile, graphs read it
             self.agent.set_entropy_coef(coef)
             self._entropy_coef = coef
@@ -439,41 +499,55 @@ class Trainer:
         raise HealthError(f"step {step}: {reason}; {where}")
 
     def _check_early_stop(self, wm_loss: float | None) -> None:
-        t, c = self.cfg.train, self.counters
-        if not t.early_stop_patience or wm_loss is None:
+        reason = self._early_stop_reason(wm_loss, self.counters)
+        if reason is None:
             return
+        self.stop_reason, self.stop_kind = reason, "early stop"
+        best = self.counters["es_best"]
+        self._record("early_stop", reason=reason, best_wm_loss=best)
+        self.progress.write(f"early stop at step {self.counters['step']}: {reason}")
+
+    def _early_stop_reason(self, wm_loss: float | None, c: dict) -> str | None:
+        """train.early_stop_patience on the counters `c` (the run's, or a member's): why to
+        stop, or None."""
+        t = self.cfg.train
+        if not t.early_stop_patience or wm_loss is None:
+            return None
         best = c["es_best"]
         if not math.isfinite(best) or wm_loss < best - t.early_stop_min_delta * abs(best):
-            c.update(es_best=wm_loss, es_best_step=c["step"], es_stale=0)
-            return
+            c.update(es_best=wm_loss, es_best_step=self.counters["step"], es_stale=0)
+            return None
         c["es_stale"] += 1
         if c["es_stale"] < t.early_stop_patience:
-            return
-        self.stop_reason = (
+            return None
+        return (
             f"wm_loss has not improved on its best {short(best)} (step {c['es_best_step']}) by "
             f"{short(t.early_stop_min_delta)} relative for {c['es_stale']} log intervals "
             "(train.early_stop_patience)"
         )
-        self.stop_kind = "early stop"
-        self._record("early_stop", reason=self.stop_reason, best_wm_loss=best)
-        self.progress.write(f"early stop at step {c['step']}: {self.stop_reason}")
 
     def _check_solved(self) -> None:
-        """train.stop_solved_evals: end the run after that many evaluations in a row at or
-        above the task's solved return."""
-        need, c = self.cfg.train.stop_solved_evals, self.counters
-        if not need:
+        reason = self._solved_reason(self.last_eval, self.counters)
+        if reason is None:
             return
+        self.stop_reason, self.stop_kind = reason, "solved"
+        self._record("solved", reason=reason, eval_return=self.last_eval)
+        self.progress.write(f"solved at step {self.counters['step']}: {reason}")
+
+    def _solved_reason(self, last_eval: float, c: dict) -> str | None:
+        """train.stop_solved_evals on the counters `c`: the reason to end the run after that
+        many evaluations in a row at or above the task's solved return, or None."""
+        need = self.cfg.train.stop_solved_evals
+        if not need:
+            return None
         target = TASK_TARGETS[self.cfg.env.name]
-        c["solved_streak"] = c["solved_streak"] + 1 if self.last_eval >= target else 0
-        if c["solved_streak"] >= need:
-            self.stop_reason = (
-                f"{c['solved_streak']} evaluations in a row reached the solved return "
-                f"{target:g} (train.stop_solved_evals)"
-            )
-            self.stop_kind = "solved"
-            self._record("solved", reason=self.stop_reason, eval_return=self.last_eval)
-            self.progress.write(f"solved at step {c['step']}: {self.stop_reason}")
+        c["solved_streak"] = c["solved_streak"] + 1 if last_eval >= target else 0
+        if c["solved_streak"] < need:
+            return None
+        return (
+            f"{c['solved_streak']} evaluations in a row reached the solved return "
+            f"{target:g} (train.stop_solved_evals)"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -563,12 +637,8 @@ class Trainer:
         params = [p.detach() for p in self.agent.parameters()]
         if not torch.stack([p.isfinite().all() for p in params]).all():
             self._stop_unhealthy("non-finite parameters", {})
-        if name == "latest" and self.cfg.log.checkpoint_replay:
-            # Written first: a run killed between the two files leaves a replay.pt whose step
-            # differs from latest.pt's, which a resume detects and refills instead.
-            c = self.counters
-            replay = dict(step=c["step"], env_steps=c["env_steps"], **self.replay.state_dict())
-            checkpoint.save(self.ckpt_dir / "replay.pt", replay)
+        if name == "latest":
+            self._save_replay()
         payload = dict(
             agent=self.agent.state_dict(),
             optim={k: o.state_dict() for k, o in self.agent.optimizers().items()},
@@ -581,6 +651,15 @@ class Trainer:
         size = checkpoint.save(self.ckpt_dir / f"{name}.pt", payload)
         self.saved_step[name] = self.counters["step"]
         return size
+
+    def _save_replay(self) -> None:
+        """checkpoints/replay.pt under log.checkpoint_replay, written before latest.pt: a run
+        killed between the two files leaves a replay.pt whose step differs from latest.pt's,
+        which a resume detects and refills instead."""
+        if self.cfg.log.checkpoint_replay:
+            c = self.counters
+            replay = dict(step=c["step"], env_steps=c["env_steps"], **self.replay.state_dict())
+            checkpoint.save(self.ckpt_dir / "replay.pt", replay)
 
     def _restore(self) -> None:
         path = self.ckpt_dir / "latest.pt"

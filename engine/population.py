@@ -1,0 +1,891 @@
+"""Population training: K agents in one process and one update.
+
+Every parameter, buffer and optimizer moment of the K members is stacked along a leading
+dimension, (K, ...). The population runs the single agent's own code (`Agent.wm_forward`,
+`Agent.behavior_forward`, `Agent._policy`, with their observe and imagination loops) on K x B
+rows, member k's rows at k*B .. k*B + B - 1; each function of that code that reads weights
+(the ones the fast path compiles: encode, the posterior and prior steps, the loss tails, the
+actor) is replaced on the population's template agent by a member call: its rows are split
+(K, B, ...), `torch.func.vmap` runs the function over the members with `functional_call` on
+their stacked weights, and the results are joined again. Members differ in their seeds
+(initial weights, data, sampling) and in the settings of `config.MEMBER_KEYS`, which a
+member's modules hold as tensors (`nets.hold_settings`). The optimizers are
+`StackedOptimizer`s: learning rates, clips and moments per member, gradient norms and clips per
+member, never across members, and a member can be frozen (`active`).
+
+Why vmap and not layers written for a K dimension: measured on the 2-core CPU (cartpole_d64
+world-model + behaviour losses, forward and backward, 8 x 16 per member) vmap costs 13-30% over
+one agent at K x B rows, and it keeps one implementation of every layer. Why member calls per
+function and not one vmap of the whole update: torch.compile does not compile a function
+called inside vmap (it runs eagerly), and compiling one vmap of the whole update unrolls every
+observe and imagination step into one graph (more than 13 minutes of compiling at K = 4,
+cartpole_d64, before it was stopped); compiled member calls are one graph per step function,
+as for a single agent.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_map
+
+from engine import checkpoint
+from engine.agent import Agent, Carry
+from engine.config import (
+    Config,
+    ConfigError,
+    Schedule,
+    actor_entropy_coef_at,
+    effective_lrs,
+    member_configs,
+    save_toml,
+    set_key,
+    to_dict,
+    validate,
+)
+from engine.evaluate import episode_ends, play_episodes
+from engine.fast import FastOptions
+from engine.logger import MetricsLog, truncate_metrics
+from engine.nvtx import nvtx_range
+from engine.optim import StackedOptimizer, step_together
+from engine.trainer import BEHAVIOR_KEYS, HealthError, Trainer, TrainingError, short
+
+# Member settings (config.MEMBER_KEYS) the member's modules hold as tensors (hold_settings):
+# config key -> the stacked buffers holding it. The others are the optimizers' (learning rates,
+# betas, eps, weight decay, clips, AGC) and the trainer's (the entropy coefficient schedule).
+MODULE_KEYS = {
+    "train.gamma": ("behavior.gamma",),
+    "train.lam": ("behavior.lam",),
+    "train.repval_scale": ("behavior.repval_scale",),
+    "train.slow_critic_rate": ("behavior.slow_rate",),
+    "train.slow_critic_reg": ("behavior.slow_reg",),
+    "train.retnorm_rate": ("behavior.retnorm.rate",),
+    "train.retnorm_limit": ("behavior.retnorm.limit",),
+    "models.free_bits": ("wm.free_bits",),
+    "models.unimix": ("wm.unimix", "behavior.unimix"),
+    **{
+        f"train.{k}": (f"wm.{k}",)
+        for k in ("beta_pred", "beta_dyn", "beta_rep", "image_scale", "vector_scale")
+        + ("reward_scale", "cont_scale")
+    },
+}
+
+
+class _Shell(nn.Module):
+    """Holds the template agent so `functional_call` can run any of its methods: forward(fn,
+    *args) = fn(agent, *args) with the agent's tensors swapped for one member's."""
+
+    def __init__(self, agent: Agent):
+        super().__init__()
+        self.agent = agent
+
+    def forward(self, fn: Callable, *args):
+        return fn(self.agent, *args)
+
+
+# The functions of the single agent's code that read weights, each replaced on the template by
+# a member call: (module path on the agent, method, the dim of each positional argument that
+# holds the rows (None: passed to every member as it is), the same for the outputs ("member":
+# one value per member, returned as (K, ...))). Tensors inside a tuple or dict argument or
+# output share that entry's dim.
+ROWS, MEMBER = 0, "member"
+MEMBER_CALLS = (
+    ("wm", "encode", (ROWS,), ROWS),
+    ("wm", "obs_step", (ROWS,) * 5, ROWS),
+    ("wm", "img_step", (ROWS,) * 3, ROWS),
+    ("wm", "loss_terms", (ROWS,) * 4, MEMBER),
+    ("behavior", "act", (ROWS, None), ROWS),
+    # losses(wm, feats (H+1, N, F), actions (H, N, A), replay (B, T), entropy_coef (K,)); the
+    # member's own world model stands in for the `wm` argument.
+    ("behavior", "losses", (None, 1, 1, ROWS, MEMBER), MEMBER),
+)
+
+
+class PopulationAgent:
+    """K agents (one per config of `cfgs`, which differ only in seed and MEMBER_KEYS) with
+    stacked state. Member k's initial weights are those of a single run seeded like it: each is
+    built as `Agent` right after torch.manual_seed(its seed), as the trainer builds one."""
+
+    def __init__(
+        self,
+        cfgs: list[Config],
+        vector_dim: int,
+        num_actions: int,
+        device: torch.device | str = "cpu",
+        opts: FastOptions | None = None,
+    ):
+        self.cfgs, self.size = cfgs, len(cfgs)
+        self.opts = opts = opts or FastOptions()
+        if opts.kernels != "torch" or opts.batched_wgrad or opts.cuda_graphs:
+            raise ValueError("a population runs the torch kernels, without batched_wgrad/graphs")
+        self.device, self.num_actions = torch.device(device), num_actions
+        cfg = self.cfg = cfgs[0]
+        self.replay_context = cfg.train.replay_context
+        members = []
+        for c in cfgs:
+            torch.manual_seed(c.general.seed)
+            members.append(Agent(c, vector_dim, num_actions, device, opts, member=True))
+        # Member names in the single agent's order (its optimizers' parameter order too).
+        self.param_names = [n for n, _ in members[0].named_parameters()]
+        self.buffer_names = [n for n, _ in members[0].named_buffers()]
+        self.state_keys = list(members[0].state_dict())  # what a member's checkpoint holds
+        with torch.no_grad():
+            self.params = {
+                n: torch.stack([m.get_parameter(n) for m in members]).requires_grad_(
+                    members[0].get_parameter(n).requires_grad
+                )
+                for n in self.param_names
+            }
+            self.buffers = {
+                n: torch.stack([m.get_buffer(n) for m in members]) for n in self.buffer_names
+            }
+        # The template runs the single agent's code; its own tensors are never read (member
+        # calls swap in the stacked ones): on the meta device they take no memory, and a read
+        # that was missed fails loudly.
+        template = self.template = members[0]
+        template.wm_opt = template.actor_opt = template.critic_opt = None
+        template.to("meta")
+        self.shell = _Shell(template)
+        del members
+        self.wm_params = self._group("wm.")
+        self.actor_params = self._group("behavior.actor.")
+        self.critic_params = self._group("behavior.critic.")
+        self.slow_params = [self.params[n] for n in self.param_names if ".slow_critic." in n]
+        t = [c.train for c in cfgs]
+        lrs = [effective_lrs(x) for x in t]
+        common = dict(kind=cfg.train.optimizer, warmup=cfg.train.lr_warmup_steps)
+        per = dict(
+            betas=([x.adam_beta1 for x in t], [x.adam_beta2 for x in t]),
+            eps=[x.adam_eps for x in t],
+            weight_decay=[x.weight_decay for x in t],
+            agc=[x.agc for x in t],
+        )
+        self.wm_opt, self.actor_opt, self.critic_opt = (
+            StackedOptimizer(
+                params,
+                self.size,
+                [lr[f"{name}_lr"] for lr in lrs],
+                clip=[getattr(x, f"{name}_grad_clip") for x in t],
+                **common,
+                **per,
+            )
+            for name, params in (
+                ("wm", self.wm_params),
+                ("actor", self.actor_params),
+                ("critic", self.critic_params),
+            )
+        )
+        self.entropy_coef = torch.tensor(
+            [actor_entropy_coef_at(x, 0) for x in t], device=self.device
+        )
+        self.slow_rate = self.buffers["behavior.slow_rate"]
+        if opts.compile:
+            # The stacked optimizers run as per-tensor passes (no fused kernel takes one
+            # learning rate per member): compiled, each step is a few fused loops instead of
+            # ~15 ATen ops per tensor.
+            for opt in self.optimizers().values():
+                opt._apply = torch.compile(opt._apply, dynamic=False)
+        for path, name, arg_dims, out_dims in MEMBER_CALLS:
+            call = self._member_call(path, name, arg_dims, out_dims)
+            if opts.compile:
+                # Static shapes: with dynamic ones, vmap's batched tensors fail in the tracer
+                # (torch 2.13: "Cannot call sizes() on tensor with symbolic sizes"). Each call
+                # sees a few shapes (training rows, acting envs, eval envs), one graph each.
+                call = torch.compile(call, dynamic=False)
+            setattr(getattr(template, path), name, call)
+
+    def _group(self, prefix: str) -> list[Tensor]:
+        return [
+            self.params[n]
+            for n in self.param_names
+            if n.startswith(prefix) and self.params[n].requires_grad
+        ]
+
+    def _member_call(self, path: str, name: str, arg_dims: tuple, out_dims) -> Callable:
+        """The template's `path.name` as a function of all members' rows (see MEMBER_CALLS):
+        the class's own function, run per member by vmap over the stacked weights."""
+        method = getattr(type(getattr(self.template, path)), name)
+        K = self.size
+
+        def member(agent: Agent, *args):
+            module = getattr(agent, path)
+            if path == "behavior" and name == "losses":  # the member's own world model
+                args = (agent.wm, *args[1:])
+            return method(module, *args)
+
+        def one(params, buffers, *args):
+            tensors = {f"agent.{n}": v for n, v in (params | buffers).items()}
+            return functional_call(self.shell, tensors, (member, *args), strict=True)
+
+        out_dim = 0 if out_dims in (ROWS, MEMBER) else out_dims
+
+        def split(x, dim):
+            if isinstance(x, Tensor) and dim not in (None, MEMBER):
+                return x.unflatten(dim, (K, -1))
+            return x
+
+        def join(x):
+            return x.flatten(0, 1) if isinstance(x, Tensor) and out_dims == ROWS else x
+
+        def call(*args):
+            args = [
+                tree_map(functools.partial(split, dim=dim), a) for a, dim in zip(args, arg_dims)
+            ]
+            # A module argument (the `wm` of losses) is the member's own inside the call.
+            args = [None if isinstance(a, nn.Module) else a for a in args]
+            # in_dims for the arguments given (a call may leave defaulted ones out).
+            in_dims = (0, 0) + tuple(0 if d in (ROWS, MEMBER) else d for d in arg_dims)
+            mapped = vmap(
+                one, in_dims=in_dims[: 2 + len(args)], out_dims=out_dim, randomness="different"
+            )
+            out = mapped(self.params, self.buffers, *args)
+            return tree_map(join, out)
+
+        call.__name__ = f"population_{name}"
+        return call
+
+    # ---- The interface the trainer and evaluation use -----------------------------------------
+
+    def parameters(self) -> Iterator[Tensor]:
+        return iter(self.params.values())
+
+    def optimizers(self) -> dict[str, StackedOptimizer]:
+        return {"wm": self.wm_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+
+    def num_params(self) -> int:
+        """Trainable parameters of one member."""
+        return sum(p[0].numel() for p in self.params.values() if p.requires_grad)
+
+    def set_entropy_coef(self, values: list[float]) -> None:
+        self.entropy_coef.copy_(torch.tensor(values, dtype=torch.float32))
+
+    @property
+    def active(self) -> Tensor:
+        """(K,) 1 for a member that trains, 0 for a frozen one (shared by the optimizers)."""
+        return self.wm_opt.active
+
+    def freeze(self, k: int) -> None:
+        """Member k stops training: its weights, moments and return normaliser stay as they are."""
+        for opt in self.optimizers().values():
+            opt.active[k] = 0.0
+
+    # ---- Learning -----------------------------------------------------------------------------
+
+    def learn(
+        self, batch: dict[str, Tensor], train_behavior: bool
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+        """Agent.learn for every member: batch (K x B, T, ...), member k's rows k*B .. k*B + B -
+        1. Returns (K,) metrics and the posteriors (K x B, T, ...)."""
+        agent = self.template
+        loss, metrics, (deter, stoch), batch = agent.wm_forward(batch)
+        if self.cfg.general.train_world_model:
+            with nvtx_range("world_model/backward+optimizer"):
+                metrics["wm_grad_norm"] = self.wm_opt.step(loss.sum())
+        if train_behavior:
+            retnorm = self._retnorm_state()
+            actor_loss, critic_loss, beh = agent.behavior_forward(
+                deter, stoch, batch, self.entropy_coef
+            )
+            metrics.update(beh)
+            with nvtx_range("actor_critic/backward+optimizer"):
+                # Members and the actor/critic sets are independent: one backward of the sum.
+                loss = actor_loss.sum() + critic_loss.sum()
+                norms = step_together(loss, [self.actor_opt, self.critic_opt])
+                metrics["actor_grad_norm"], metrics["critic_grad_norm"] = norms
+                self._update_slow_critic()
+                self._keep_frozen(retnorm)
+        return metrics, (deter, stoch)
+
+    def _retnorm_state(self) -> dict[str, Tensor]:
+        return {n: v.clone() for n, v in self.buffers.items() if n.startswith("behavior.retnorm.")}
+
+    @torch.no_grad()
+    def _keep_frozen(self, before: dict[str, Tensor]) -> None:
+        """A frozen member's return normaliser is restored (the update ran for every member)."""
+        for n, old in before.items():
+            live = self.active.view(-1, *([1] * (old.dim() - 1))) > 0
+            self.buffers[n].copy_(torch.where(live, self.buffers[n], old))
+
+    @torch.no_grad()
+    def _update_slow_critic(self) -> None:
+        fast = [self.params[n.replace(".slow_critic.", ".critic.")] for n in self.param_names
+                if ".slow_critic." in n]  # fmt: skip
+        for slow, f in zip(self.slow_params, fast, strict=True):
+            rate = (self.slow_rate * self.active).view(-1, *([1] * (slow.dim() - 1)))
+            slow.lerp_(f, rate)
+
+    # ---- Acting -------------------------------------------------------------------------------
+
+    def initial_carry(self, n: int, device: torch.device) -> Carry:
+        """The carry of n envs, member k acting in envs k*n/K .. (k+1)*n/K - 1."""
+        if n % self.size:
+            raise ValueError(f"{n} envs do not split into {self.size} members")
+        return self.template.initial_carry(n, device)
+
+    @torch.no_grad()
+    def policy(
+        self, obs: dict[str, Tensor], carry: Carry, greedy: bool = False
+    ) -> tuple[Tensor, Carry]:
+        """Agent.policy for every member: obs (K x n, ...) -> actions (K x n,), next carry."""
+        return self.template.policy(obs, carry, greedy)
+
+    # ---- Members' state -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_member_config(self, k: int, cfg: Config) -> None:
+        """Member k's settings (MEMBER_KEYS) from `cfg`, in place: the module settings, the
+        optimizers' values, and `cfgs[k]` (the entropy coefficient is read from it)."""
+        for key, names in MODULE_KEYS.items():
+            value = float(get_key(cfg, key))
+            for name in names:
+                self.buffers[name][k] = value
+        t, lrs = cfg.train, effective_lrs(cfg.train)
+        for group, opt in self.optimizers().items():
+            opt.lr[k], opt.clip[k] = lrs[f"{group}_lr"], getattr(t, f"{group}_grad_clip")
+            opt.b1[k], opt.b2[k], opt.eps[k] = t.adam_beta1, t.adam_beta2, t.adam_eps
+            opt.weight_decay[k], opt.agc[k] = t.weight_decay, t.agc
+            opt._note_clips()
+        self.cfgs[k] = cfg
+
+    @torch.no_grad()
+    def copy_member(self, src: int, dst: int) -> None:
+        """Member dst takes member src's weights, buffers (return normaliser, slow critic,
+        settings) and optimizer state, in place (index_copy_ on the stacked tensors: nothing is
+        reallocated, so compiled graphs stay valid)."""
+        s = torch.tensor([src], device=self.device)
+        d = torch.tensor([dst], device=self.device)
+        for t in [*self.params.values(), *self.buffers.values()]:
+            t.index_copy_(0, d, t.index_select(0, s))
+        for opt in self.optimizers().values():
+            opt.copy_member(s, d)
+
+    def member_state(self, k: int) -> tuple[dict[str, Tensor], dict[str, dict]]:
+        """Member k's agent state_dict and optimizer states in a single agent's format (a
+        member's checkpoint loads into Agent and resumes as a single run)."""
+        stacked = {**self.params, **self.buffers}
+        agent = {n: stacked[n][k].detach().clone() for n in self.state_keys}
+        optim = {}
+        for name, opt in self.optimizers().items():
+            optim[name] = {
+                "count": opt.count[k].clone(),
+                "m": [m[k].clone() for m in opt.m],
+                "v": [v[k].clone() for v in opt.v],
+            }
+        return agent, optim
+
+    @torch.no_grad()
+    def load_member_state(self, k: int, agent: dict[str, Tensor], optim: dict[str, dict]) -> None:
+        """The inverse of `member_state`; ValueError names the first entry that does not fit."""
+        stacked = {**self.params, **self.buffers}
+        missing = sorted(set(self.state_keys) - set(agent))
+        if missing:
+            raise ValueError(f"missing {missing[0]}")
+        for n in self.state_keys:
+            if agent[n].shape != stacked[n].shape[1:]:
+                raise ValueError(f"{n}: {tuple(agent[n].shape)} != {tuple(stacked[n].shape[1:])}")
+            stacked[n][k].copy_(agent[n])
+        for name, opt in self.optimizers().items():
+            state = optim[name]
+            if len(state["m"]) != len(opt.m):
+                raise ValueError(f"optimizer {name}: {len(state['m'])} tensors != {len(opt.m)}")
+            opt.count[k] = state["count"]
+            for dst, src in zip(opt.m + opt.v, state["m"] + state["v"]):
+                dst[k].copy_(src)
+
+
+def get_key(cfg: Config, key: str):
+    """The value of a dotted config key, e.g. get_key(cfg, "train.gamma")."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def write_population_tables(run_dir: Path, rows: list[dict], counters: dict) -> None:
+    """population.csv (one row per member) and population.md (the same as a table, then the
+    mean +- std of the last and best eval returns), each written atomically."""
+    if not rows:
+        return
+    keys = list(rows[0])
+
+    def write_csv(f):
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+
+    checkpoint.atomic_write(run_dir / "population.csv", lambda p: _write_text(p, write_csv))
+    cell = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [
+        f"# Population: {len(rows)} members, {counters['step']:,} updates, "
+        f"{counters['env_steps']:,} env steps",
+        "",
+        "| " + " | ".join(keys) + " |",
+        "|" + "---|" * len(keys),
+    ]
+    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    for key in ("last_eval", "best_eval"):
+        values = np.array([r[key] for r in rows], dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values):
+            lines.append("")
+            lines.append(
+                f"{key}: {values.mean():.1f} +- {values.std():.1f} over {len(values)} members "
+                f"(min {values.min():.1f}, max {values.max():.1f})"
+            )
+    text = "\n".join(lines) + "\n"
+    checkpoint.atomic_write(
+        run_dir / "population.md", lambda p: _write_text(p, lambda f: f.write(text))
+    )
+
+
+def _write_text(path, write) -> None:
+    with open(path, "w", newline="") as f:
+        write(f)
+
+
+def population_options(opts: FastOptions) -> tuple[FastOptions, list[str]]:
+    """The fast-path switches a population runs with, and a notice naming each one dropped:
+    the Triton kernels and batched weight gradients are custom autograd functions that vmap
+    cannot batch, and the CUDA-graph capture of a population update is not built yet."""
+    dropped = [
+        name
+        for name, on in (
+            ("general.kernels = triton", opts.kernels != "torch"),
+            ("general.batched_wgrad", opts.batched_wgrad),
+            ("general.cuda_graphs", opts.cuda_graphs),
+        )
+        if on
+    ]
+    if not dropped:
+        return opts, []
+    notice = (
+        f"notice: {', '.join(dropped)}: not yet for a population (its members run under "
+        "vmap); running without"
+    )
+    return FastOptions(opts.compile, False, opts.precision, "torch", False), [notice]
+
+
+def member_dir_name(k: int) -> str:
+    return f"member_{k:02d}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class PopulationTrainer(Trainer):
+    """Trainer for a population (population.size > 1): one env pool of K x N envs (member k acts
+    in envs k*N .. k*N + N - 1), one replay ring with each member sampling its own envs, one
+    update for all members. Each member's directory (member_00/ ...) holds what a single run's
+    does (config.toml with its resolved settings, metrics.jsonl, checkpoints/ in a single
+    agent's format), so engine.report, engine.evaluate and engine.dream work on it, and a member
+    resumes as a single run. The run directory holds the population's config.toml, its own
+    metrics.jsonl (speed and membership events), checkpoints/population.pt (counters, members'
+    status, RNG) and replay.pt, and population.csv / population.md.
+
+    A member that diverges (non-finite metric or parameter, runaway dream value) is frozen: its
+    updates are masked, its envs keep stepping with its last weights, and the others train on.
+    A member that meets train.stop_solved_evals or train.early_stop_patience stops the same
+    way. The run ends when no member trains; it exits 3 only when every member has failed."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
+        self.members = cfg.population.size
+        self.member_cfgs = member_configs(cfg)
+        self.member_dirs = [run_dir / member_dir_name(k) for k in range(self.members)]
+        self.member_counters = [_member_counters() for _ in range(self.members)]
+        self.member_logs: list[MetricsLog] = []
+        super().__init__(cfg, run_dir, resume)
+        for d in self.member_dirs:
+            (d / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for member, d in zip(self.member_cfgs, self.member_dirs):
+                save_toml(member, d / "config.toml")
+        self.member_logs = [MetricsLog(d / "metrics.jsonl") for d in self.member_dirs]
+        self.member_lrs = [effective_lrs(m.train) for m in self.member_cfgs]
+        if self.dreams:
+            self.dreams = False
+            self.progress.write("note: log.dream_video: no dream videos in a population run")
+        self._refresh_active()
+
+    # ---- Building ---------------------------------------------------------------------------
+
+    def _make_agent(self) -> PopulationAgent:
+        self.opts, notices = population_options(self.opts)
+        for line in notices:
+            self.progress.write(line)
+        env = self.env
+        cfgs = self.member_cfgs
+        return PopulationAgent(cfgs, env.vector_dim, env.num_actions, self.device, self.opts)
+
+    def _entropy_coef_at(self, step: int) -> list[float]:
+        return [actor_entropy_coef_at(m.train, step) for m in self.member_cfgs]
+
+    def param_summary(self) -> str:
+        return f"{self.members} members x {self.agent.num_params():,}"
+
+    # ---- Members ----------------------------------------------------------------------------
+
+    def _member_write(self, k: int, kind: str, **fields) -> None:
+        if self.member_logs:
+            self.member_logs[k].write(self._fields(kind, **fields))
+
+    def _episode_end(self, env: int, ret: float, length: int) -> None:
+        k = env // self.cfg.env.num_envs
+        self.counters["episodes"] += 1
+        mc = self.member_counters[k]
+        mc["episodes"] += 1
+        self.last_return = ret
+        self._member_write(k, "episode", episode_return=ret, episode_length=length)
+
+    def _refresh_active(self) -> None:
+        with torch.no_grad():
+            for k, mc in enumerate(self.member_counters):
+                if mc["status"] != "training":
+                    self.agent.freeze(k)
+
+    def _stop_member(self, k: int, status: str, reason: str, **values) -> None:
+        """Member k stops training: "failed" (diverged), "solved" or "early stop"."""
+        mc = self.member_counters[k]
+        if mc["status"] != "training":
+            return
+        mc.update(status=status, reason=reason, stopped_step=self.counters["step"])
+        self.agent.freeze(k)
+        kind = {"failed": "health", "solved": "solved", "early stop": "early_stop"}[status]
+        self._member_write(k, kind, reason=reason, **values)
+        self._record("member_stopped", member=k, status=status, reason=reason)
+        self.progress.write(
+            f"member {k}: {status} at step {self.counters['step']}: {reason}"
+            + ("; the others train on" if status == "failed" else "")
+        )
+        training = [m for m in self.member_counters if m["status"] == "training"]
+        if training:
+            return
+        if all(m["status"] == "failed" for m in self.member_counters):
+            raise HealthError(f"step {self.counters['step']}: every member failed ({reason})")
+        self.stop_reason = (
+            "no member is training ("
+            + ", ".join(f"{i}: {m['status']}" for i, m in enumerate(self.member_counters))
+            + ")"
+        )
+        self.stop_kind = "all members stopped"
+
+    # ---- Logging ----------------------------------------------------------------------------
+
+    def _log_train(self) -> None:
+        if not self._acc:
+            return
+        c = self.counters
+        means = self._means()  # key -> [one value per member]
+        self._acc.clear()
+        now = time.perf_counter()
+        t0, step0, env0 = self._interval
+        self._interval = (now, c["step"], c["env_steps"])
+        rate = (c["step"] - step0) / max(now - t0, 1e-9)
+        speed = dict(
+            train_steps_per_sec=rate,
+            agent_updates_per_sec=rate * self.members,
+            env_steps_per_sec=(c["env_steps"] - env0) / max(now - t0, 1e-9),
+        )
+        training = [m["status"] == "training" for m in self.member_counters]
+        self._record("train", wall_time=self._wall_time(now), members_training=sum(training),
+                     **speed)  # fmt: skip
+        for k in range(self.members):
+            if not training[k]:
+                continue
+            record = {key: None for key in BEHAVIOR_KEYS}
+            record.update({key: values[k] for key, values in means.items()})
+            self._member_write(
+                k,
+                "train",
+                wall_time=self._wall_time(now),
+                **record,
+                **speed,
+                actor_entropy_coef=self._entropy_coef[k],
+                **self.member_lrs[k],
+            )
+            member_means = {key: values[k] for key, values in means.items()}
+            self._check_member_health(k, member_means)
+            reason = self._early_stop_reason(member_means.get("wm_loss"), self.member_counters[k])
+            if reason is not None:
+                self._stop_member(k, "early stop", reason)
+
+    def _check_member_health(self, k: int, means: dict[str, float]) -> None:
+        bad = [key for key, v in means.items() if not math.isfinite(v)]
+        bound, value = self.cfg.train.max_abs_dream_value, means.get("dream_value")
+        if bad:
+            self._stop_member(k, "failed", f"non-finite {', '.join(bad)}",
+                              **{key: means[key] for key in bad})  # fmt: skip
+        elif bound > 0 and value is not None and abs(value) > bound:
+            self._stop_member(
+                k,
+                "failed",
+                f"dream_value {short(value)} beyond the bound {short(bound)} "
+                "(train.max_abs_dream_value)",
+                dream_value=value,
+            )
+
+    # ---- Population-based training ----------------------------------------------------------
+
+    def _update(self) -> None:
+        super()._update()
+        every = self.cfg.population.pbt.every
+        if every and self.counters["step"] % every == 0 and self.stop_reason is None:
+            self.exploit_and_explore()
+
+    def exploit_and_explore(self) -> None:
+        """[population.pbt]: each training member in the bottom `quantile` of the last eval
+        returns takes the state of a random one in the top `quantile` (copy_member) and that
+        member's grid settings, each multiplied by a random factor of `perturb` (a value the
+        config would refuse keeps the source's). Members are ranked only once evaluated after
+        their last exploit. Both members' metrics get a record."""
+        pbt, c = self.cfg.population.pbt, self.counters
+        ranked = sorted(
+            (mc["last_eval"], k)
+            for k, mc in enumerate(self.member_counters)
+            if mc["status"] == "training" and math.isfinite(mc["last_eval"])
+        )
+        n = int(pbt.quantile * len(ranked))
+        if n < 1:
+            return
+        rng = np.random.default_rng(self.cfg.general.seed * 1_000_003 + c["step"])
+        bottom, top = [k for _, k in ranked[:n]], [k for _, k in ranked[-n:]]
+        for dst in bottom:
+            src = top[int(rng.integers(len(top)))]
+            before = self.member_counters[dst]["last_eval"]
+            source_eval = self.member_counters[src]["last_eval"]
+            self.agent.copy_member(src, dst)
+            member = explore(
+                self.member_cfgs[src],
+                self.member_cfgs[dst].general.seed,
+                list(self.cfg.population.grid),
+                pbt.perturb,
+                rng,
+            )
+            self.agent.set_member_config(dst, member)  # also self.member_cfgs[dst]
+            self.member_lrs[dst] = effective_lrs(member.train)
+            save_toml(member, self.member_dirs[dst] / "config.toml")
+            settings = {key: _plain(get_key(member, key)) for key in self.cfg.population.grid}
+            self.member_counters[dst]["last_eval"] = math.nan  # ranked again once evaluated
+            self._member_write(
+                dst,
+                "pbt_exploit",
+                source=src,
+                source_eval=source_eval,
+                eval_return_before=before,
+                settings=settings,
+            )
+            self._member_write(src, "pbt_source", target=dst, eval_return=source_eval)
+            self._record("pbt_exploit", source=src, target=dst, settings=settings)
+            self.progress.write(
+                f"pbt at step {c['step']}: member {dst} ({before:.1f}) takes member {src}'s "
+                f"state ({source_eval:.1f}), settings {settings}"
+            )
+        self._entropy_coef = self._entropy_coef_at(c["step"])
+        self.agent.set_entropy_coef(self._entropy_coef)
+        self.write_summary()
+
+    # ---- Evaluation -------------------------------------------------------------------------
+
+    def _evaluate(self) -> float:
+        c, n = self.counters, self.cfg.log.eval_episodes
+        greedy = self.cfg.log.eval_policy == "mode"
+        episodes = play_episodes(self.agent, self.eval_env, self._to_device, greedy)
+        ends = episode_ends(self.cfg.env.name, episodes.terminal, episodes.last_reward)
+        evals = []
+        for k, mc in enumerate(self.member_counters):
+            rows = slice(k * n, (k + 1) * n)
+            returns, lengths = episodes.returns[rows], episodes.lengths[rows]
+            mc["last_eval"] = float(returns.mean())
+            evals.append(mc["last_eval"])
+            self._member_write(
+                k,
+                "eval",
+                eval_return=mc["last_eval"],
+                eval_return_std=float(returns.std()),
+                eval_returns=returns.tolist(),
+                eval_length=float(lengths.mean()),
+                eval_terminated=int(episodes.terminal[rows].sum()),
+                **{f"eval_{e}": int(m[rows].sum()) for e, m in ends.items() if e != "terminated"},
+            )
+            if mc["status"] != "training":
+                continue
+            if mc["last_eval"] > mc["best_eval"]:
+                mc["best_eval"] = mc["last_eval"]
+                self._checkpoint_member(k, "best")
+            reason = self._solved_reason(mc["last_eval"], mc)
+            if reason is not None:
+                self._stop_member(k, "solved", reason, eval_return=mc["last_eval"])
+        self.last_eval = float(np.mean(evals))
+        c["best_eval"] = max(m["best_eval"] for m in self.member_counters)
+        self._record("eval", eval_returns=evals, eval_return=self.last_eval)
+        self.progress.write(
+            f"step {c['step']} env_steps {c['env_steps']}: eval return "
+            f"{self.last_eval:.1f} +- {float(np.std(evals)):.1f} over {self.members} members "
+            f"({' '.join(f'{v:.0f}' for v in evals)}; {n} episodes each)"
+        )
+        self.write_summary()
+        return self.last_eval
+
+    # ---- Checkpoints ------------------------------------------------------------------------
+
+    def _checkpoint(self, name: str) -> int:
+        """checkpoints/population.pt (and replay.pt) in the run directory, and each member's
+        `name`.pt in its own directory but a failed one's. A member whose state is not finite
+        is stopped (its last good checkpoint kept) instead of ending the run."""
+        if self._acc:  # updates since the last log line are checked first
+            means = self._means()
+            for k, mc in enumerate(self.member_counters):
+                if mc["status"] == "training":
+                    self._check_member_health(k, {key: v[k] for key, v in means.items()})
+        size = 0
+        for k, mc in enumerate(self.member_counters):
+            # A solved or early-stopped member's final weights are saved too; a failed one
+            # keeps its last good checkpoint.
+            if mc["status"] != "failed":
+                size += self._checkpoint_member(k, name)
+        if name == "latest":
+            self._save_replay()
+            state = dict(
+                counters=dict(self.counters, wall_time=self._wall_time()),
+                members=self.member_counters,
+                rng=checkpoint.rng_state(),
+                config=to_dict(self.cfg),
+            )
+            size += checkpoint.save(self.ckpt_dir / "population.pt", state)
+            self.saved_step[name] = self.counters["step"]
+        return size
+
+    def _checkpoint_member(self, k: int, name: str) -> int:
+        agent, optim = self.agent.member_state(k)
+        if not all(v.isfinite().all() for v in agent.values() if v.is_floating_point()):
+            self._stop_member(k, "failed", "non-finite parameters")
+            return 0
+        mc = self.member_counters[k]
+        counters = dict(self.counters, wall_time=self._wall_time())
+        counters.update({key: mc[key] for key in SINGLE_RUN_COUNTERS})
+        payload = dict(
+            agent=agent,
+            optim=optim,
+            counters=counters,
+            rng=checkpoint.rng_state(),
+            config=to_dict(self.member_cfgs[k]),
+        )
+        return checkpoint.save(self.member_dirs[k] / "checkpoints" / f"{name}.pt", payload)
+
+    def _restore(self) -> None:
+        path = self.ckpt_dir / "population.pt"
+        if not path.is_file():
+            raise TrainingError(f"{path}: no population checkpoint to resume from")
+        state = checkpoint.load(path, self.device)
+        saved = len(state["members"])
+        if saved != self.members:
+            raise TrainingError(
+                f"{path}: holds a population of {saved}, not {self.members} (population.size)"
+            )
+        for k, d in enumerate(self.member_dirs):
+            member_path = d / "checkpoints" / "latest.pt"
+            if not member_path.is_file():
+                raise TrainingError(f"{member_path}: missing; cannot resume member {k}")
+            member = checkpoint.load(member_path, self.device)
+            try:
+                self.agent.load_member_state(k, member["agent"], member["optim"])
+            except (KeyError, ValueError) as e:
+                raise TrainingError(
+                    f"{member_path}: does not match the config (were models.* changed?): {e}"
+                ) from None
+        self.counters.update(state["counters"])
+        self.member_counters = state["members"]
+        checkpoint.set_rng_state(state["rng"])
+        save_toml(self.cfg, self.run_dir / "config.toml")
+        step = self.counters["step"]
+        truncate_metrics(self.run_dir / "metrics.jsonl", step)
+        for member, d in zip(self.member_cfgs, self.member_dirs):
+            save_toml(member, d / "config.toml")
+            truncate_metrics(d / "metrics.jsonl", step)
+        stopped = sum(m["status"] != "training" for m in self.member_counters)
+        self.progress.write(
+            f"resumed {path} at step {step}, env steps {self.counters['env_steps']} "
+            f"({self.members} members, {stopped} stopped)"
+        )
+
+    # ---- The end ----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        try:
+            result = super().run()
+        finally:
+            self.write_summary()
+            for log in self.member_logs:
+                log.close()
+        return result
+
+    def write_summary(self) -> None:
+        """population.csv and population.md: each member's seed, grid settings, status, last and
+        best eval, and the mean +- std over the members."""
+        rows = []
+        for k, (member, mc) in enumerate(zip(self.member_cfgs, self.member_counters)):
+            row = {"member": member_dir_name(k), "seed": member.general.seed}
+            row.update({key: get_key(member, key) for key in self.cfg.population.grid})
+            row.update(
+                status=mc["status"] + (f" ({mc['reason']})" if mc["reason"] else ""),
+                episodes=mc["episodes"],
+                last_eval=mc["last_eval"],
+                best_eval=mc["best_eval"],
+            )
+            rows.append(row)
+        write_population_tables(self.run_dir, rows, self.counters)
+
+
+def explore(
+    source: Config, seed: int, keys: list[str], factors: list[float], rng: np.random.Generator
+) -> Config:
+    """PBT's explore step: a copy of `source` with the member's own `seed` and each of `keys`
+    multiplied by a random one of `factors` (a schedule's start and end alike); a value the
+    config refuses (e.g. gamma >= 1) keeps the source's."""
+    cfg = copy.deepcopy(source)
+    cfg.general.seed = seed
+    for key in keys:
+        old = get_key(cfg, key)
+        factor = float(factors[int(rng.integers(len(factors)))])
+        if isinstance(old, Schedule):
+            new = dataclasses.replace(old, start=old.start * factor, end=old.end * factor)
+        else:
+            new = old * factor
+        try:
+            set_key(cfg, key, new, "population.pbt")
+            validate(cfg, "population.pbt")
+        except ConfigError:
+            set_key(cfg, key, old, "population.pbt")
+    return cfg
+
+
+def _plain(value):
+    """A setting as JSON can hold it (a schedule as its dict)."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+SINGLE_RUN_COUNTERS = ("episodes", "best_eval", "es_best", "es_best_step", "es_stale",
+                       "solved_streak")  # fmt: skip
+
+
+def _member_counters() -> dict:
+    return dict(
+        episodes=0,
+        best_eval=-math.inf,
+        last_eval=math.nan,
+        es_best=math.inf,
+        es_best_step=0,
+        es_stale=0,
+        solved_streak=0,
+        status="training",
+        reason="",
+        stopped_step=None,
+    )

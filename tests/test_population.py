@@ -1,0 +1,366 @@
+"""PopulationAgent: K stacked agents updated under vmap. Member k must behave exactly as a
+single Agent with member k's config: same initial weights, same update of the same batch (with
+its own grid settings), same actions; a frozen member does not change."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine import dists
+from engine.agent import Agent
+from engine.config import load_config, member_configs
+from engine.fast import FastOptions
+from engine.population import PopulationAgent
+from engine.replay import Replay, transition_spec
+from tests.helpers import run_module
+
+GRID = {
+    "train.actor_lr": [1e-4, 3e-3, 4e-5],
+    "train.wm_grad_clip": [1000.0, 0.05, 0.0],
+    "train.gamma": [0.99, 0.9, 0.997],
+    "train.lam": [0.95, 0.5, 0.95],
+    "train.beta_rep": [0.1, 0.5, 1.0],
+    "train.image_scale": [1.0, 0.5, 2.0],
+    "train.slow_critic_rate": [0.02, 0.5, 0.1],
+    "train.retnorm_limit": [1.0, 0.01, 5.0],
+    "models.free_bits": [1.0, 0.1, 3.0],
+    "models.unimix": [0.01, 0.1, 0.0],
+    "train.actor_entropy_coef": [3e-4, 0.1, 0.0],
+}
+K = 3
+
+
+def population_config(*overrides):
+    grid = "{" + ", ".join(f'"{k}" = {v}' for k, v in GRID.items()) + "}"
+    sets = [f"population.size={K}", f"population.grid={grid}", "env.image=true", *overrides]
+    cfg = load_config("configs/tiny.toml", sets)
+    return cfg, member_configs(cfg)
+
+
+@pytest.fixture
+def greedy_sampling(monkeypatch):
+    """Latents and actions by argmax: the population draws its members' random numbers from
+    other streams than single agents do, so exact comparisons need sampling without them."""
+    monkeypatch.setattr(dists, "sample_index", lambda probs: probs.detach().argmax(-1))
+
+
+def single(cfg, vector_dim=4, actions=2):
+    torch.manual_seed(cfg.general.seed)
+    return Agent(cfg, vector_dim, actions)
+
+
+def make_batch(cfg, rows, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spec = transition_spec(64, 4)
+    batch = {}
+    for k, (shape, dtype) in spec.items():
+        full = (rows, steps, *shape)
+        if dtype == torch.bool:
+            batch[k] = torch.rand(full, generator=g) < 0.1
+        elif dtype == torch.uint8:
+            batch[k] = torch.randint(0, 256, full, generator=g, dtype=torch.uint8)
+        elif dtype == torch.int64:
+            batch[k] = torch.randint(0, 2, full, generator=g)
+        else:
+            batch[k] = torch.randn(full, generator=g) * 3
+    batch["is_last"] |= batch["is_terminal"]
+    return batch
+
+
+def assert_member_equals(pop, k, agent, exact=False):
+    """Weights to 1e-5; optimizer moments to 0.2% of each tensor's largest entry (vmap's batched
+    matmuls and grouped convs sum in another order: the d64 gradients of a random batch reach
+    norms of thousands, and small entries of a moment differ by rounding)."""
+    state, optim = pop.member_state(k)
+    for name, value in agent.state_dict().items():
+        atol, rtol = (0, 0) if exact else (1e-5, 1e-4)
+        torch.testing.assert_close(state[name], value, atol=atol, rtol=rtol, msg=name)
+    for group, opt in agent.optimizers().items():
+        torch.testing.assert_close(optim[group]["count"], opt.count)
+        for a, b in zip(optim[group]["m"] + optim[group]["v"], opt.m + opt.v):
+            atol = 0 if exact else 2e-3 * b.abs().max().item()
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def test_members_start_as_single_runs_with_their_seeds():
+    cfg, members = population_config()
+    pop = PopulationAgent(members, 4, 2)
+    assert pop.size == K and pop.num_params() == single(members[0]).num_params()
+    for k, member in enumerate(members):
+        assert member.general.seed == cfg.general.seed + k
+        assert_member_equals(pop, k, single(member), exact=True)
+    # Different seeds, different weights.
+    a, b = pop.member_state(0)[0], pop.member_state(1)[0]
+    assert not torch.equal(a["wm.prior_net.out.weight"], b["wm.prior_net.out.weight"])
+
+
+@pytest.mark.usefixtures("greedy_sampling")
+def test_each_member_updates_as_a_single_agent_with_its_settings():
+    _, members = population_config()
+    pop = PopulationAgent(members, 4, 2)
+    agents = [single(m) for m in members]
+    for a, m in zip(agents, members):
+        a.set_entropy_coef(m.train.actor_entropy_coef)
+    pop.set_entropy_coef([m.train.actor_entropy_coef for m in members])
+    B, T = members[0].train.batch_size, members[0].train.sequence_length
+    for update, behavior in enumerate((False, True, True)):
+        batch = make_batch(members[0], K * B, T, seed=update)
+        metrics, (deter, stoch) = pop.learn(batch, behavior)
+        for k, agent in enumerate(agents):
+            rows = slice(k * B, (k + 1) * B)
+            mine, (d, s) = agent.learn({n: v[rows] for n, v in batch.items()}, behavior)
+            assert set(metrics) == set(mine)
+            for name, value in mine.items():
+                torch.testing.assert_close(
+                    metrics[name][k], value, atol=1e-4, rtol=1e-4, msg=f"update {update} {name}"
+                )
+            torch.testing.assert_close(deter[rows], d, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(stoch[rows], s)
+            assert_member_equals(pop, k, agent)
+    # The grid settings made a difference: the members' losses differ.
+    assert metrics["kl_rep"].unique().numel() == K
+
+
+@pytest.mark.compiled
+@pytest.mark.usefixtures("greedy_sampling")
+def test_the_compiled_population_update_matches_the_eager_one():
+    """general.compile: every member call is compiled (one graph per call and shape, no graph
+    break) and the update equals the eager population's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # Adam with a tiny eps turns the rounding noise of a near-zero gradient (~1e-12) into a
+    # full lr-sized step of either sign; a larger eps keeps such entries still in both.
+    _, members = population_config("env.image=false", "train.adam_eps=1e-3")
+    eager = PopulationAgent(members, 4, 2)
+    compiled = PopulationAgent(members, 4, 2, opts=FastOptions(compile=True))
+    B, T = members[0].train.batch_size, members[0].train.sequence_length
+    for update in range(2):
+        batch = make_batch(members[0], K * B, T, seed=update)
+        batch.pop("image")
+        want, _ = eager.learn(batch, True)
+        got, _ = compiled.learn(batch, True)
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, atol=1e-4, rtol=1e-4, msg=name)
+    for k in range(K):
+        a, b = eager.member_state(k)[0], compiled.member_state(k)[0]
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=name)
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 6  # encode, obs/img step, loss tails, act
+
+
+@pytest.mark.usefixtures("greedy_sampling")
+def test_acting_matches_single_agents():
+    _, members = population_config()
+    pop = PopulationAgent(members, 4, 2)
+    agents = [single(m) for m in members]
+    n = 2
+    batch = make_batch(members[0], K * n, 3, seed=5)
+    carry = pop.initial_carry(K * n, torch.device("cpu"))
+    carries = [a.initial_carry(n, torch.device("cpu")) for a in agents]
+    for t in range(3):
+        obs = {k: v[:, t] for k, v in batch.items() if k in ("image", "vector", "is_first")}
+        actions, carry = pop.policy(obs, carry)
+        for k, agent in enumerate(agents):
+            rows = slice(k * n, (k + 1) * n)
+            mine, carries[k] = agent.policy({o: v[rows] for o, v in obs.items()}, carries[k])
+            assert torch.equal(actions[rows], mine)
+            torch.testing.assert_close(carry[0][rows], carries[k][0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_frozen_member_does_not_change():
+    _, members = population_config()
+    pop = PopulationAgent(members, 4, 2)
+    before = pop.member_state(1)
+    pop.freeze(1)
+    B, T = members[0].train.batch_size, members[0].train.sequence_length
+    for update in range(2):
+        pop.learn(make_batch(members[0], K * B, T, seed=update), True)
+    after = pop.member_state(1)
+    for name, value in before[0].items():
+        assert torch.equal(after[0][name], value), name
+    for group in before[1]:
+        assert torch.equal(after[1][group]["count"], before[1][group]["count"])
+    moved = pop.member_state(0)[0]["wm.prior_net.out.weight"]
+    assert not torch.equal(moved, pop.member_state(1)[0]["wm.prior_net.out.weight"])
+    assert pop.active.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_a_member_state_loads_into_a_single_agent_and_back():
+    _, members = population_config()
+    pop = PopulationAgent(members, 4, 2)
+    B, T = members[0].train.batch_size, members[0].train.sequence_length
+    pop.learn(make_batch(members[0], K * B, T), True)
+    state, optim = pop.member_state(2)
+    agent = single(members[2])
+    agent.load_state_dict(state)  # strict: the same keys and shapes as a single agent's
+    for group, opt in agent.optimizers().items():
+        opt.load_state_dict(optim[group])
+    pop.load_member_state(0, state, optim)
+    assert_member_equals(pop, 0, agent, exact=True)
+    state["wm.prior_net.out.weight"] = state["wm.prior_net.out.weight"][:1]
+    with pytest.raises(ValueError, match="wm.prior_net.out.weight"):
+        pop.load_member_state(0, state, optim)
+
+
+def test_population_replay_samples_each_member_from_its_own_envs():
+    spec = transition_spec(0, 3)
+    members, n = 4, 2
+    replay = Replay(64 * members, members * n, spec, torch.device("cpu"), members=members)
+    for t in range(40):
+        step = {
+            k: torch.zeros(members * n, *shape, dtype=dtype) for k, (shape, dtype) in spec.items()
+        }
+        step["reward"] = torch.arange(members * n, dtype=torch.float32) + 100 * t
+        replay.add(step)
+    batch = replay.sample(5, 6)
+    assert batch["reward"].shape == (members * 5, 6)
+    env = batch["reward"].remainder(100).long()  # which env each row came from
+    for k in range(members):
+        rows = env[k * 5 : (k + 1) * 5]
+        assert ((rows >= k * n) & (rows < (k + 1) * n)).all(), (k, rows)
+    with pytest.raises(ValueError, match="do not split"):
+        Replay(64, 6, spec, torch.device("cpu"), members=4)
+
+
+# ---- The command line ---------------------------------------------------------------------------
+
+
+TINY_GRID = 'population.grid={"train.actor_lr" = [1e-4, 3e-4, 1e-3]}'
+
+
+def lines(path, kind):
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["type"] == kind]
+
+
+@pytest.mark.slow
+def test_run_trains_a_population_into_member_directories_and_resumes(tmp_path):
+    run = tmp_path / "pop"
+    base = ("--run-dir", str(run), "--set", TINY_GRID, "--set", "env.image=false")
+    done = run_module("engine.run", "--config", "configs/tiny.toml", "--population", "3", *base,
+                      "--set", "train.max_train_steps=6")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "replay: 3 members x 1,024 steps" in done.stdout + done.stderr
+    assert "(mean of 3 members)" in done.stdout
+    for k in range(3):
+        member = run / f"member_{k:02d}"
+        cfg = load_config(member / "config.toml")
+        assert cfg.general.seed == k and cfg.population.size == 1
+        assert cfg.train.actor_lr == [1e-4, 3e-4, 1e-3][k]
+        assert lines(member / "metrics.jsonl", "train") and lines(member / "metrics.jsonl", "eval")
+        assert (member / "checkpoints" / "latest.pt").is_file()
+    csv_rows = (run / "population.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("member,seed,train.actor_lr,status") and len(csv_rows) == 4
+    assert "last_eval:" in (run / "population.md").read_text()
+    # Resume the population further; a member resumes and evaluates as a single run.
+    more = run_module("engine.run", "--resume", str(run), "--set", "train.max_train_steps=12")
+    assert more.returncode == 0, more.stderr
+    assert "resumed" in more.stdout + more.stderr and "12 updates" in more.stdout
+    evals = lines(run / "member_01" / "metrics.jsonl", "eval")
+    assert [e["step"] for e in evals] == [6, 12]
+    ev = run_module("engine.evaluate", str(run / "member_01"), "--episodes", "2")
+    assert ev.returncode == 0 and "2 greedy episodes" in ev.stdout, ev.stderr
+    wrong = run_module("engine.run", "--resume", str(run), "--population", "2")
+    assert wrong.returncode == 2
+    assert "holds a population of 3, not 2" in wrong.stderr and wrong.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_diverging_member_is_frozen_while_the_others_train_on(tmp_path):
+    run = tmp_path / "pop"
+    grid = 'population.grid={"train.vector_scale" = [1.0, 1e38, 1.0]}'
+    done = run_module("engine.run", "--config", "configs/tiny.toml", "--population", "3",
+                      "--run-dir", str(run), "--set", grid, "--set", "env.image=false")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "member 1: failed" in done.stdout + done.stderr
+    health = lines(run / "member_01" / "metrics.jsonl", "health")
+    assert len(health) == 1 and "non-finite" in health[0]["reason"]
+    stopped = health[0]["step"]
+    assert all(r["step"] <= stopped for r in lines(run / "member_01" / "metrics.jsonl", "train"))
+    for k in (0, 2):  # the others trained to the end
+        assert lines(run / f"member_{k:02d}" / "metrics.jsonl", "train")[-1]["step"] == 12
+    assert "failed (non-finite" in (run / "population.md").read_text()
+    # Every member failing ends the run with status 3.
+    grid = 'population.grid={"train.vector_scale" = [1e38, 1e38]}'
+    args = ("--run-dir", str(tmp_path / "all"), "--set", grid, "--set", "env.image=false")
+    done = run_module("engine.run", "--config", "configs/tiny.toml", "--population", "2", *args)
+    assert done.returncode == 3 and "every member failed" in done.stderr, done.stderr
+
+
+def test_a_replay_that_cannot_fit_is_refused_before_training(tmp_path):
+    done = run_module("engine.run", "--config", "configs/tiny.toml", "--population", "4",
+                      "--run-dir", str(tmp_path / "pop"), "--set", "env.image=true",
+                      "--set", "train.replay_buffer_size=4000000000")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train.replay_buffer_size" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "pop" / "metrics.jsonl").exists()
+
+
+# ---- Population-based training ------------------------------------------------------------------
+
+
+def test_copy_member_and_set_member_config_act_in_place():
+    _, members = population_config()
+    pop = PopulationAgent(members, 4, 2)
+    B, T = members[0].train.batch_size, members[0].train.sequence_length
+    pop.learn(make_batch(members[0], K * B, T), True)
+    pop.copy_member(2, 0)
+    a, b = pop.member_state(0), pop.member_state(2)
+    for name in a[0]:
+        assert torch.equal(a[0][name], b[0][name]), name
+    for group in a[1]:
+        for x, y in zip(a[1][group]["m"] + a[1][group]["v"], b[1][group]["m"] + b[1][group]["v"]):
+            assert torch.equal(x, y)
+    assert pop.buffers["behavior.gamma"][0] == pop.buffers["behavior.gamma"][2]
+    cfg = load_config("configs/tiny.toml", ["train.gamma=0.95", "train.actor_lr=0.002"])
+    pop.set_member_config(1, cfg)
+    assert pop.buffers["behavior.gamma"][1].item() == pytest.approx(0.95)
+    assert pop.actor_opt.lr[1].item() == pytest.approx(0.002)
+    assert pop.cfgs[1] is cfg and pop.buffers["behavior.gamma"][0].item() == pytest.approx(0.997)
+
+
+def test_explore_perturbs_the_grid_keys_within_their_valid_range():
+    from engine.population import explore
+
+    cfg = load_config("configs/tiny.toml", ["train.gamma=0.99", "train.actor_lr=0.001"])
+    rng = np.random.default_rng(0)
+    out = explore(cfg, 7, ["train.gamma", "train.actor_lr"], [1.25], rng)
+    assert out.general.seed == 7 and cfg.general.seed == 0  # a copy, the member's own seed
+    assert out.train.actor_lr == pytest.approx(0.00125)
+    assert out.train.gamma == 0.99  # 0.99 x 1.25 >= 1 is refused: the source's value stays
+
+
+@pytest.mark.slow
+def test_pbt_copies_a_top_member_into_a_bottom_one_and_records_it(tmp_path):
+    run = tmp_path / "pop"
+    sets = [
+        'population.grid={"train.actor_lr" = [1e-4, 2e-4, 4e-4, 8e-4]}',
+        "population.pbt.every=6",
+        "population.pbt.quantile=0.25",
+        "env.image=false",
+    ]
+    args = [a for item in sets for a in ("--set", item)]
+    done = run_module("engine.run", "--config", "configs/tiny.toml", "--population", "4",
+                      "--run-dir", str(run), *args)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    exploits = lines(run / "metrics.jsonl", "pbt_exploit")
+    assert [e["step"] for e in exploits] == [6, 12]
+    first = exploits[0]
+    dst, src = first["target"], first["source"]
+    evals = {k: lines(run / f"member_{k:02d}" / "metrics.jsonl", "eval")[0]["eval_return"]
+             for k in range(4)}  # fmt: skip
+    assert evals[dst] == min(evals.values()) and evals[src] == max(evals.values())
+    mine = lines(run / f"member_{dst:02d}" / "metrics.jsonl", "pbt_exploit")[0]
+    assert mine["source"] == src and mine["eval_return_before"] == evals[dst]
+    lr = mine["settings"]["train.actor_lr"]
+    assert any(lr == pytest.approx(f * [1e-4, 2e-4, 4e-4, 8e-4][src]) for f in (0.8, 1.25))
+    theirs = lines(run / f"member_{src:02d}" / "metrics.jsonl", "pbt_source")
+    assert theirs and theirs[0]["target"] == dst
+    assert "pbt at step 6" in done.stdout + done.stderr
