@@ -3,6 +3,13 @@ peak memory. No environment: the replay buffer is filled with synthetic episodes
 
     python -m benchmarks.throughput --config configs/cartpole_d256.toml \
         --modes eager,compile,graphs,full --updates 50 --json out.json
+    python -m benchmarks.throughput --config configs/cartpole_d64.toml --modes eager,compile \
+        --population 1,4,8,32 --shapes config
+
+With --population, each K measures the update of K agents in one process (engine.population,
+B x T per member): agent-updates per second and the kernels one update runs per agent (ATen
+operators dispatched on the CPU, plus the kernels inductor generated when compiled; kernels
+launched on CUDA), the CPU-measurable figure that predicts a population's gain on a GPU.
 
 Each (mode, shape) runs in a fresh process, so compile caches and peak memory do not leak from
 one measurement into the next. Modes that cannot apply on this machine (graphs or Triton without
@@ -44,18 +51,22 @@ MODES = {
 WARMUP = 3  # compile / capture happen in these
 
 
-def synthetic_replay(cfg, agent_device, num_actions: int, vector_dim: int, steps: int):
-    """Episodes of random length with smooth frames, written the way the trainer writes them."""
+def synthetic_replay(
+    cfg, agent_device, num_actions: int, vector_dim: int, steps: int, members: int = 1
+):
+    """Episodes of random length with smooth frames, written the way the trainer writes them
+    (`members` > 1: a population's replay, num_envs per member)."""
     import torch
 
     from engine.replay import Replay, transition_spec
 
-    n = cfg.env.num_envs
+    n = cfg.env.num_envs * members
     s = cfg.image_size
     latents = cfg.models.encoder.mlp.latents
     context = (cfg.deter, latents) if cfg.train.replay_context else None
     spec = transition_spec(s, vector_dim if cfg.env.vector else 0, context)
-    replay = Replay(max(steps * n, cfg.train.replay_buffer_size), n, spec, agent_device)
+    capacity = max(steps * n, cfg.train.replay_buffer_size * members)
+    replay = Replay(capacity, n, spec, agent_device, members=members)
     g = torch.Generator().manual_seed(0)
     age = torch.zeros(n, dtype=torch.int64)
     for _ in range(steps):
@@ -88,15 +99,17 @@ def measure(
     updates: int,
     trace_dir: str | None = None,
     extra: list[str] = (),
+    population: int = 1,
 ) -> dict:
     """One mode at one shape, in this process, with `extra` --set overrides. With `trace_dir`,
     five more updates are then recorded by torch.profiler into TRACE_DIR/trace_MODE_BxT.json
-    (profiling/summarize.py)."""
+    (profiling/summarize.py). `population` K > 1: the update of K agents in one
+    (engine.population; B x T per member), K = 1 the single agent's."""
     import torch
 
     from engine import fast
     from engine.agent import Agent
-    from engine.config import load_config
+    from engine.config import load_config, member_configs
     from engine.trainer import resolve_device
 
     overrides = [
@@ -105,16 +118,31 @@ def measure(
         f"train.sequence_length={length}",
         *MODES[mode],
     ]
+    if population > 1:
+        overrides.append(f"population.size={population}")
     cfg = load_config(config, overrides)
     device, _ = resolve_device(cfg.general.device)
     opts, notices = fast.resolve(cfg.general, device)
     num_actions, vector_dim = (2, 4) if cfg.env.name == "CartPole-v1" else (4, 8)
     torch.manual_seed(0)
-    agent = Agent(cfg, vector_dim, num_actions, device, opts)
-    if opts.compile:
-        fast.compile_agent(agent)
-    replay = synthetic_replay(cfg, device, num_actions, vector_dim, steps=max(4 * length, 200))
+    if population > 1:
+        from engine.population import PopulationAgent, population_options
+
+        opts, dropped = population_options(opts)
+        notices += dropped
+        members = member_configs(cfg)
+        agent = PopulationAgent(members, vector_dim, num_actions, device, opts)
+    else:
+        agent = Agent(cfg, vector_dim, num_actions, device, opts)
+        if opts.compile:
+            fast.compile_agent(agent)
+    steps = max(4 * length, 200)
+    replay = synthetic_replay(cfg, device, num_actions, vector_dim, steps, population)
     learner = fast.Learner(agent, replay, batch, length, opts)
+    if opts.compile:
+        from torch._inductor import metrics as inductor_metrics
+
+        inductor_metrics.reset()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -129,6 +157,9 @@ def measure(
     sync()
     elapsed = time.perf_counter() - t0
     ms = 1000 * elapsed / updates
+    kernels = count_kernels(learner, device)
+    if opts.compile:
+        kernels["inductor_kernels_generated"] = inductor_metrics.generated_kernel_count
     if trace_dir:
         acts = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
@@ -152,10 +183,13 @@ def measure(
     return dict(
         mode=mode,
         device_name=name,
+        population=population,
         batch_size=batch,
         sequence_length=length,
         updates=updates,
         updates_per_sec=updates / elapsed,
+        agent_updates_per_sec=population * updates / elapsed,
+        **kernels,
         replayed_steps_per_sec=updates * batch * length / elapsed,
         ms_per_update=ms,
         compile_sec=max(warm - WARMUP * ms / 1000, 0.0),
@@ -169,6 +203,47 @@ def measure(
             batched_wgrad=opts.batched_wgrad,
         ),
         dropped=notices,
+    )
+
+
+def count_kernels(learner, device) -> dict:
+    """Kernels one update runs, from torch.profiler. CUDA: the kernels launched. CPU: the ATen
+    operators dispatched at top level (forward and backward; not the ops an op calls inside
+    itself) plus the compiled-graph calls (inductor's fused C++ kernels run inside those calls,
+    which the profiler does not split; `inductor_kernels_generated` counts the kernels it
+    generated). On a GPU an update of this size is launch-bound, so kernels per agent-update
+    is what predicts a population's gain there."""
+    import torch
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        learner.step(True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    if device.type == "cuda":
+        launched = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        return dict(kernels_per_update=launched, kernel_count="cuda kernels launched")
+
+    def top_level_aten(e) -> bool:
+        if not e.name.startswith("aten::"):
+            return False
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    aten = sum(1 for e in events if top_level_aten(e))
+    graphs = sum(1 for e in events if e.name.startswith("## Call CompiledFxGraph"))
+    return dict(
+        kernels_per_update=aten + graphs,
+        aten_ops_per_update=aten,
+        compiled_graph_calls_per_update=graphs,
+        kernel_count="top-level aten ops + compiled-graph calls",
     )
 
 
@@ -194,22 +269,25 @@ def _commit() -> str:
 
 def _table(records: list[dict]) -> str:
     head = (
-        f"{'mode':<13} {'shape':>7} {'upd/s':>8} {'steps/s':>9} {'ms/upd':>8} "
-        f"{'compile s':>9} {'peak MB':>8} {'x eager':>7}"
+        f"{'mode':<13} {'shape':>7} {'K':>3} {'upd/s':>8} {'agent-upd/s':>11} {'ms/upd':>8} "
+        f"{'compile s':>9} {'peak MB':>8} {'kernels/agent':>13} {'x eager':>7}"
     )
     lines = [head, "-" * len(head)]
     eager = {
-        (r["batch_size"], r["sequence_length"]): r["ms_per_update"]
+        (r["batch_size"], r["sequence_length"], r.get("population", 1)): r["ms_per_update"]
         for r in records
         if r["mode"] == "eager"
     }
     for r in records:
-        shape = (r["batch_size"], r["sequence_length"])
+        k = r.get("population", 1)
+        shape = (r["batch_size"], r["sequence_length"], k)
         ratio = eager[shape] / r["ms_per_update"] if shape in eager else float("nan")
+        per_agent = r.get("kernels_per_update", float("nan")) / k
         lines.append(
-            f"{r['mode']:<13} {shape[0]:>3}x{shape[1]:<3} {r['updates_per_sec']:>8.2f} "
-            f"{r['replayed_steps_per_sec']:>9.0f} {r['ms_per_update']:>8.1f} "
-            f"{r['compile_sec']:>9.1f} {r['peak_mem_mb']:>8.0f} {ratio:>7.2f}"
+            f"{r['mode']:<13} {shape[0]:>3}x{shape[1]:<3} {k:>3} {r['updates_per_sec']:>8.2f} "
+            f"{r.get('agent_updates_per_sec', r['updates_per_sec']):>11.2f} "
+            f"{r['ms_per_update']:>8.1f} {r['compile_sec']:>9.1f} {r['peak_mem_mb']:>8.0f} "
+            f"{per_agent:>13.0f} {ratio:>7.2f}"
         )
     return "\n".join(lines)
 
@@ -228,6 +306,12 @@ def main(argv: list[str] | None = None) -> None:
         help="BxT list; 'config' is the config's batch x sequence length",
     )
     p.add_argument("--updates", type=int, default=20, help="timed updates per mode")
+    p.add_argument(
+        "--population",
+        default="1",
+        help="population sizes K to measure, e.g. 1,4,8,32: the update of K agents in one "
+        "(B x T per member); K = 1 is the single agent",
+    )
     p.add_argument("--json", help="write the records here")
     p.add_argument(
         "--warm-cache",
@@ -243,9 +327,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     if args.one:
-        mode, b, t = args.one.split(",")
+        mode, b, t, k = args.one.split(",")
         rec = measure(
-            args.config, mode, int(b), int(t), args.updates, args.trace_dir, args.overrides
+            args.config,
+            mode,
+            int(b),
+            int(t),
+            args.updates,
+            args.trace_dir,
+            args.overrides,
+            int(k),
         )
         print(json.dumps(rec))
         return
@@ -267,37 +358,44 @@ def main(argv: list[str] | None = None) -> None:
         )
         if shape not in shapes:
             shapes.append(shape)
+    try:
+        sizes = [int(k) for k in args.population.split(",")]
+    except ValueError:
+        sys.exit(f"error: --population {args.population!r}: expected sizes like 1,4,8,32")
+    if any(k < 1 for k in sizes):
+        sys.exit(f"error: --population {args.population!r}: sizes must be >= 1")
     records = []
-    for b, t in shapes:
-        for mode in modes:
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.throughput",
-                "--config",
-                args.config,
-                "--updates",
-                str(args.updates),
-                "--one",
-                f"{mode},{b},{t}",
-            ]
-            if args.trace_dir:
-                cmd += ["--trace-dir", args.trace_dir]
-            for item in args.overrides:
-                cmd += ["--set", item]
-            env = dict(os.environ)
-            if not args.warm_cache:  # compile_sec is a cold compile unless asked otherwise
-                env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
-                print(f"{mode} {b}x{t}: failed: {tail[0]}", file=sys.stderr)
-                continue
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
-            records.append(rec)
-            print(
-                f"{mode} {b}x{t}: {rec['ms_per_update']:.1f} ms/update", file=sys.stderr, flush=True
-            )
+    for (b, t), k, mode in ((s, k, m) for s in shapes for k in sizes for m in modes):
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.throughput",
+            "--config",
+            args.config,
+            "--updates",
+            str(args.updates),
+            "--one",
+            f"{mode},{b},{t},{k}",
+        ]
+        if args.trace_dir:
+            cmd += ["--trace-dir", args.trace_dir]
+        for item in args.overrides:
+            cmd += ["--set", item]
+        env = dict(os.environ)
+        if not args.warm_cache:  # compile_sec is a cold compile unless asked otherwise
+            env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            print(f"{mode} {b}x{t} K={k}: failed: {tail[0]}", file=sys.stderr)
+            continue
+        rec = json.loads(out.stdout.strip().splitlines()[-1])
+        records.append(rec)
+        print(
+            f"{mode} {b}x{t} K={k}: {rec['ms_per_update']:.1f} ms/update",
+            file=sys.stderr,
+            flush=True,
+        )
     print(_table(records))
     if args.json:
         import torch

@@ -171,6 +171,32 @@ def load_run(path: str | Path) -> Run:
     return run
 
 
+def population_members(path: Path) -> list[Path]:
+    """The member directories of a population run (member_00/ ...), [] for any other run."""
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.glob("member_*") if (p / "metrics.jsonl").is_file())
+
+
+def member_mean(runs: Sequence[Run]) -> tuple[Any, Any, Any] | None:
+    """A population's members' eval returns, mean and std across the members at each eval
+    step they all reached: (env steps, mean, std), or None with fewer than two members."""
+    if len(runs) < 2:
+        return None
+    by_step = []
+    for run in runs:
+        by_step.append({
+            int(num(r.get("step"))): (num(r.get("env_steps")), num(r.get("eval_return")))
+            for r in run.evals
+        })  # fmt: skip
+    common = sorted(set.intersection(*(set(d) for d in by_step)))
+    if not common:
+        return None
+    env = np.array([by_step[0][s][0] for s in common])
+    values = np.array([[d[s][1] for d in by_step] for s in common])  # (evals, members)
+    return env, values.mean(1), values.std(1)
+
+
 def series(records: Sequence[dict[str, Any]], key: str, x: str = "step") -> tuple[Any, Any]:
     """(x, y) arrays of the records where both are finite."""
     xs = np.array([num(r.get(x)) for r in records], dtype=float)
@@ -447,6 +473,7 @@ def plot_eval(
     path: Path,
     target: float | None = None,
     ylim: tuple[float, float] | None = None,
+    populations: Sequence[Sequence[Run]] = (),
 ) -> bool:
     """Eval return against env steps and against wall time, mean line with the per-eval std
     band, the training episodes' returns faint behind, each run's target return dashed. False
@@ -504,6 +531,15 @@ def plot_eval(
                     lw=0,
                     zorder=2,
                 )
+    for i, members in enumerate(populations):
+        mean = member_mean(members)
+        if mean is None:
+            continue
+        env, mu, sd = mean
+        label = f"mean of {len(members)} members" + (f" ({i + 1})" if len(populations) > 1 else "")
+        ax_env.plot(env, mu, "-", color="black", lw=2.4, zorder=4, label=label)
+        ax_env.fill_between(env, mu - sd, mu + sd, color="0.3", alpha=0.18, lw=0, zorder=2)
+        ax_env.legend(loc="lower right", fontsize=8)
     for ax, xlabel in ((ax_env, "env steps"), (ax_wall, "wall time (s)")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("return")
@@ -641,14 +677,17 @@ def write_report(
     out: Path,
     target: float | None = None,
     ylim: tuple[float, float] | None = None,
+    populations: Sequence[Sequence[Run]] = (),
 ) -> tuple[list[Path], str]:
     """Plots and summary.txt into `out`. Returns the files written and the summary text.
-    `target` overrides each run's task target (TASK_TARGETS); `ylim` is eval.png's y-range."""
+    `target` overrides each run's task target (TASK_TARGETS); `ylim` is eval.png's y-range;
+    `populations`: groups of `runs` that are one population's members, drawn with their mean
+    and its std band across the members."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, draw in (
         ("losses.png", lambda p: _panel_plot(runs, LOSS_PANELS, "world model and losses", p)),
-        ("eval.png", lambda p: plot_eval(runs, p, target, ylim)),
+        ("eval.png", lambda p: plot_eval(runs, p, target, ylim, populations)),
         ("behavior.png", lambda p: _panel_plot(runs, BEHAVIOR_PANELS, "behaviour", p)),
         ("ends.png", lambda p: plot_ends(runs, p)),
     ):
@@ -665,7 +704,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m engine.report",
         description="Plots (losses.png, eval.png, behavior.png, ends.png) and summary.txt.",
     )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to overlay")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories to overlay; a population run stands for its members, drawn "
+        "with their mean and std band",
+    )
     p.add_argument(
         "--out",
         help="output folder (default: RUN_DIR/report for one run, report_<time> in the cwd for "
@@ -692,7 +737,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _figure_api()  # fail before reading anything when matplotlib is missing
         ylim = parse_ylim(args.ylim) if args.ylim is not None else None
-        runs = [load_run(d) for d in args.run_dirs]
+        runs, groups = [], []
+        for d in args.run_dirs:
+            members = population_members(Path(d))
+            if members:  # a population: its members, and their mean
+                groups.append([load_run(m) for m in members])
+                runs += groups[-1]
+            else:
+                runs.append(load_run(d))
         for run in runs:
             for note in run.notes:
                 print(f"note: {note}", file=sys.stderr)
@@ -703,10 +755,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"note: {run.path}: no metric records yet; left out", file=sys.stderr)
         runs = [r for r in runs if not r.empty]
         label_runs(runs)
-        out = Path(args.out) if args.out else default_out([r.path for r in runs])
+        one = len(args.run_dirs) == 1
+        dirs = [Path(args.run_dirs[0])] if one else [r.path for r in runs]
+        out = Path(args.out) if args.out else default_out(dirs)
         if out.exists() and not out.is_dir():
             raise ReportError(f"--out {out}: exists and is not a folder")
-        written, text = write_report(runs, out, args.target, ylim)
+        groups = [[r for r in g if not r.empty] for g in groups]
+        written, text = write_report(runs, out, args.target, ylim, groups)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

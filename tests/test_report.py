@@ -466,3 +466,24 @@ def test_ylim_option_writes_the_report(tmp_path, capsys):
     a = write_metrics(tmp_path / "a", synthetic(reach_at=None))
     code, _, _ = run_main([a, "--ylim=-300:", "--out", tmp_path / "o"], capsys)
     assert code == 0 and (tmp_path / "o" / "eval.png").is_file()
+
+
+def test_a_population_run_is_its_members_with_their_mean(tmp_path, capsys):
+    """engine.report on a population's run directory overlays its member_* runs and draws
+    their mean (black) with the std band across members; the report lands in RUN_DIR/report."""
+    pop = tmp_path / "pop"
+    write_metrics(pop, [dict(type="train", step=20, env_steps=200, members_training=2)])
+    write_metrics(pop / "member_00", synthetic(reach_at=30))
+    write_metrics(pop / "member_01", synthetic(reach_at=None, scale=3.0))
+    code, stdout, err = run_main([pop], capsys)
+    assert code == 0, err
+    png = pop / "report" / "eval.png"
+    assert has_color(png, TAB_BLUE) and has_color(png, TAB_ORANGE) and has_color(png, (0, 0, 0))
+    first, second = stdout.split("\n\n")
+    assert "member_00" in first and "member_01" in second
+    runs = [report.load_run(pop / m) for m in ("member_00", "member_01")]
+    env, mean, std = report.member_mean(runs)
+    assert env.tolist() == [100.0 * k for k in range(1, 11)]
+    # Step 30: member 0 is at 500, member 1 at 4 x 30 = 120.
+    assert mean[2] == 310.0 and std[2] == 190.0
+    assert report.member_mean(runs[:1]) is None
