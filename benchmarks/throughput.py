@@ -110,7 +110,7 @@ def measure(
     from engine import fast
     from engine.agent import Agent
     from engine.config import load_config, member_configs
-    from engine.trainer import resolve_device
+    from engine.device import resolve_device
 
     overrides = [
         *extra,

@@ -386,6 +386,8 @@ class Config:
 TASKS = ("CartPole-v1", "LunarLander-v3")
 # The eval return each task counts as solved (train.stop_solved_evals, engine.report's target).
 TASK_TARGETS = {"CartPole-v1": 450.0, "LunarLander-v3": 200.0}
+# The solved return engine.report and engine.evaluate assume for a task not in TASK_TARGETS.
+DEFAULT_TARGET = 450.0
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

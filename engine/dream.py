@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--steps ({args.steps}) must exceed --context ({args.context}): nothing to imagine")
     if args.scale < 1 or args.fps < 1:
         fail(f"--scale and --fps must be >= 1, got {args.scale}, {args.fps}")
-    from engine.evaluate import RunError, load_run
+    from engine.rundir import RunError, load_run
 
     run_dir = Path(args.run_dir)
     try:

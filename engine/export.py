@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from engine.evaluate import RunError, fail, read_checkpoint
+from engine.rundir import RunError, fail, read_checkpoint
 
 COUNTERS = ("step", "env_steps", "wall_time")
 

@@ -54,12 +54,13 @@ from engine.config import (
     to_dict,
     validate,
 )
-from engine.evaluate import episode_ends, play_episodes
+from engine.episodes import episode_ends
 from engine.fast import FastOptions
+from engine.health import early_stop_reason, solved_reason, unhealthy
 from engine.logger import MetricsLog, truncate_metrics
 from engine.nvtx import nvtx_range
 from engine.optim import StackedOptimizer, step_together
-from engine.trainer import BEHAVIOR_KEYS, HealthError, Trainer, TrainingError, short
+from engine.trainer import BEHAVIOR_KEYS, HealthError, Trainer, TrainingError
 
 # Member settings (config.MEMBER_KEYS) the member's modules hold as tensors (hold_settings):
 # config key -> the stacked buffers holding it. The others are the optimizers' (learning rates,
@@ -613,24 +614,16 @@ class PopulationTrainer(Trainer):
             )
             member_means = {key: values[k] for key, values in means.items()}
             self._check_member_health(k, member_means)
-            reason = self._early_stop_reason(member_means.get("wm_loss"), self.member_counters[k])
+            mc, wm_loss = self.member_counters[k], member_means.get("wm_loss")
+            reason = early_stop_reason(self.cfg.train, wm_loss, mc, c["step"])
             if reason is not None:
                 self._stop_member(k, "early stop", reason)
 
     def _check_member_health(self, k: int, means: dict[str, float]) -> None:
-        bad = [key for key, v in means.items() if not math.isfinite(v)]
-        bound, value = self.cfg.train.max_abs_dream_value, means.get("dream_value")
-        if bad:
-            self._stop_member(k, "failed", f"non-finite {', '.join(bad)}",
-                              **{key: means[key] for key in bad})  # fmt: skip
-        elif bound > 0 and value is not None and abs(value) > bound:
-            self._stop_member(
-                k,
-                "failed",
-                f"dream_value {short(value)} beyond the bound {short(bound)} "
-                "(train.max_abs_dream_value)",
-                dream_value=value,
-            )
+        found = unhealthy(means, self.cfg.train.max_abs_dream_value)
+        if found is not None:
+            reason, values = found
+            self._stop_member(k, "failed", reason, **values)
 
     # ---- Population-based training ----------------------------------------------------------
 
@@ -696,8 +689,7 @@ class PopulationTrainer(Trainer):
 
     def _evaluate(self) -> float:
         c, n = self.counters, self.cfg.log.eval_episodes
-        greedy = self.cfg.log.eval_policy == "mode"
-        episodes = play_episodes(self.agent, self.eval_env, self._to_device, greedy)
+        episodes, _ = self.evaluator.play()
         ends = episode_ends(self.cfg.env.name, episodes.terminal, episodes.last_reward)
         evals = []
         for k, mc in enumerate(self.member_counters):
@@ -720,7 +712,7 @@ class PopulationTrainer(Trainer):
             if mc["last_eval"] > mc["best_eval"]:
                 mc["best_eval"] = mc["last_eval"]
                 self._checkpoint_member(k, "best")
-            reason = self._solved_reason(mc["last_eval"], mc)
+            reason = solved_reason(self.cfg, mc["last_eval"], mc)
             if reason is not None:
                 self._stop_member(k, "solved", reason, eval_return=mc["last_eval"])
         self.last_eval = float(np.mean(evals))

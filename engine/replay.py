@@ -9,6 +9,8 @@ graph.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,15 @@ def transition_spec(
         spec["deter"] = ((context[0],), torch.bfloat16)
         spec["stoch"] = ((context[1],), torch.int16)
     return spec
+
+
+def replay_bytes(spec: dict, capacity: int) -> int:
+    """Bytes a replay of `capacity` steps with fields `spec` (transition_spec) takes."""
+    per_step = sum(
+        math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        for shape, dtype in spec.values()
+    )
+    return per_step * capacity
 
 
 class Replay:

@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 
-# engine.evaluate imports torch only inside its functions: the report stays torch-free.
-from engine.config import TASK_TARGETS
-from engine.evaluate import DEFAULT_END_KINDS, END_KINDS, END_TEXT, end_kinds
-
 # The eval return each task counts as solved (TASK_TARGETS: the summary's "first eval >= R" and
 # the dashed line in eval.png) unless --target says otherwise; DEFAULT_TARGET for an unknown task.
-DEFAULT_TARGET = 450.0
+from engine.config import DEFAULT_TARGET, TASK_TARGETS
+
+# engine.episodes imports torch only inside its functions: the report stays torch-free.
+from engine.episodes import DEFAULT_END_KINDS, END_KINDS, END_TEXT, end_kinds
 
 # (panel title, metric keys drawn in it). Keys after the first are drawn dashed/dotted.
 LOSS_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -75,7 +74,7 @@ SUMMARY_LOSSES = (
     "critic_loss",
 )
 LINE_STYLES = ("-", "--", ":", "-.")
-# ends.png: one colour per way an eval episode can end (engine.evaluate.episode_ends).
+# ends.png: one colour per way an eval episode can end (engine.episodes.episode_ends).
 END_COLORS = {"rest": "C2", "crash": "C3", "terminated": "C4", "time_limit": "C1"}
 # Log scale once a panel's positive values span more than this factor.
 LOG_RATIO = 30.0
@@ -224,7 +223,7 @@ def wall_times(run: Run, records: Sequence[dict[str, Any]], by: str) -> Any:
 
 def run_end_kinds(run: Run) -> tuple[str, ...] | None:
     """The end kinds whose counts (`eval_<kind>`) the run's eval lines carry: its task's
-    (engine.evaluate.end_kinds), else (no config.toml, or a task logged without them) any known
+    (engine.episodes.end_kinds), else (no config.toml, or a task logged without them) any known
     set, longest first; None when they carry none (runs logged before these fields)."""
     known = sorted({*END_KINDS.values(), DEFAULT_END_KINDS}, key=len, reverse=True)
     own = [end_kinds(run.task)] if run.task else []

@@ -1,26 +1,25 @@
 """The driver: collect with the policy, store in replay, train at a fixed ratio of replayed to
-environment steps, evaluate, log and checkpoint. The agent math lives in agent.py."""
+environment steps, evaluate, log and checkpoint. The agent math lives in agent.py; acting in the
+training envs in collect.py, evaluation episodes and dream videos in evaluation.py, the
+stopping decisions (health, early stop, solved) in health.py."""
 
 from __future__ import annotations
 
 import functools
-import importlib
 import math
-import os
 import random
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from engine import checkpoint, dists, fast
+from engine import checkpoint, fast
 from engine.agent import Agent
+from engine.collect import Collector
 from engine.config import (
-    TASK_TARGETS,
     Config,
     actor_entropy_coef_at,
     effective_lrs,
@@ -29,12 +28,14 @@ from engine.config import (
     save_toml,
     to_dict,
 )
-from engine.envs import available_cores, make_env
-from engine.evaluate import episode_ends, play_episodes
+from engine.device import free_memory, resolve_device, thread_summary
+from engine.envs import make_env
+from engine.episodes import episode_ends
+from engine.evaluation import Evaluator, dream_unavailable
+from engine.health import early_stop_reason, short, solved_reason, unhealthy
 from engine.logger import MetricsLog, Progress, truncate_metrics
 from engine.nvtx import ProfileWindow, nvtx_range
-from engine.replay import Replay, transition_spec
-from engine.transfer import ObsUploader
+from engine.replay import Replay, replay_bytes, transition_spec
 
 # Training-line keys that exist only once the actor trains; logged as null during warm-up.
 BEHAVIOR_KEYS = ("actor_loss", "actor_entropy", "critic_loss", "dream_reward", "dream_value")
@@ -64,55 +65,6 @@ def require_tensorboard() -> type:
     return SummaryWriter
 
 
-def short(x: float) -> str:
-    """8.9e7 rather than 89000000.0 or 8.9e+07, for one-line messages."""
-    return f"{x:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
-
-
-def resolve_device(pref: str) -> tuple[torch.device, str | None]:
-    """Returns the device and a notice to print when the preference could not be met."""
-    if pref == "cpu":
-        return torch.device("cpu"), None
-    if torch.cuda.is_available():
-        return torch.device("cuda"), None
-    what = "general.device = cuda" if pref == "cuda" else "device auto"
-    return torch.device("cpu"), f"notice: {what}: no CUDA device found, training on the CPU"
-
-
-def replay_bytes(spec: dict, capacity: int) -> int:
-    """Bytes a replay of `capacity` steps with fields `spec` (transition_spec) takes."""
-    per_step = sum(
-        math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        for shape, dtype in spec.values()
-    )
-    return per_step * capacity
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on `device` (CUDA: the driver's count; CPU: MemAvailable), 0 if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def thread_summary(cfg: Config, stepping: str) -> str:
-    """One line: the threads this run uses, and what they were chosen from; `stepping` is the
-    env's own account of how it steps (VecEnv.stepping)."""
-    how = "general.threads" if cfg.general.threads else "all available"
-    wait = os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)").lower()
-    return (
-        f"threads: {torch.get_num_threads()} intra-op ({how}; {available_cores()} cores "
-        f"available), OpenMP wait policy {wait}, env stepping: {stepping}"
-    )
-
-
 class Trainer:
     """One agent's training run. engine.population.PopulationTrainer extends it to K agents in
     one process: `members` multiplies the envs and the replay, and the hooks marked below are
@@ -124,8 +76,8 @@ class Trainer:
         self.cfg, self.run_dir = cfg, run_dir
         # Optional packages first: a missing one fails before anything is built or written.
         writer_cls = require_tensorboard() if cfg.log.tensorboard else None
-        if cfg.log.dream_video:
-            _require_dream()
+        if cfg.log.dream_video and (why := dream_unavailable()):
+            raise TrainingError(why)
         self.device, notice = resolve_device(cfg.general.device)
         if cfg.general.threads:
             torch.set_num_threads(cfg.general.threads)
@@ -185,15 +137,30 @@ class Trainer:
         self.train_from = max(c["env_steps"], fill) if restored else c["env_steps"] + fill
         self.episodes_at_start = 0 if restored else c["episodes"]  # for min_buffer_episodes
         self.log = MetricsLog(run_dir / "metrics.jsonl")
-        self.rng = np.random.default_rng(seed + c["env_steps"])
+        # Acting in the training envs; its RNG draws the random bootstrap policy's actions.
+        self.collector = Collector(
+            self.agent,
+            self.env,
+            self.replay,
+            self.device,
+            np.random.default_rng(seed + c["env_steps"]),
+            bool(t.replay_context),
+            self._episode_end,
+        )
+        self.evaluator = Evaluator(
+            cfg,
+            self.agent,
+            self.eval_env,
+            self.collector.to_device,
+            self.device,
+            run_dir,
+            self.progress.write,
+        )
         self._acc: dict[str, tuple[Tensor, int]] = {}
         trace = run_dir / "trace.json" if cfg.general.trace else None
         self.window = ProfileWindow(profile_window(cfg.general.profile), trace)
         self.last_return = float("nan")
         self.last_eval = float("nan")
-        self.uploader = ObsUploader(self.device)
-        self._env_thread: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
         self._started: float | None = None  # perf_counter() when this segment began training
         self.lrs = effective_lrs(cfg.train)
         self._entropy_coef = self._entropy_coef_at(c["step"])
@@ -269,22 +236,15 @@ class Trainer:
                 f"{t.batch_size} / lr_base_batch {t.lr_base_batch}): {lrs}"
             )
         per_update = t.batch_size * t.sequence_length
-        self._obs = self.env.reset()
-        self._carry = self.agent.initial_carry(self.env.num_envs, self.device)
-        self._ep_ret = np.zeros(self.env.num_envs)
-        self._ep_len = np.zeros(self.env.num_envs, dtype=np.int64)
+        self.collector.start(t.async_collection)
         start = self._started = time.perf_counter()
         self._interval = (start, c["step"], c["env_steps"])
         previous = _install_sigterm()
-        if t.async_collection:
-            # The envs step in a background thread while the learner updates (envpool and numpy
-            # release the GIL): the data are the same as stepping inline, since (obs_t, action_t)
-            # is stored before the step is sent and obs_{t+1} is only needed to act again.
-            self._env_thread = ThreadPoolExecutor(1, thread_name_prefix="env-step")
         try:
             while not self._done():
                 with nvtx_range("collect"):
-                    self._collect()
+                    # The random policy until the replay holds bootstrap_steps (a fresh run).
+                    self.collector.step(self.random_policy and c["env_steps"] < self.train_from)
                 c["env_steps"] += self.env.num_envs
                 if self._ready():
                     c["budget"] += self.env.num_envs * t.train_ratio / per_update
@@ -303,12 +263,7 @@ class Trainer:
             self.progress.close()
             raise
         finally:
-            if self._pending is not None:  # let the step in flight finish (or raise) first
-                self._pending.exception()
-            self._pending = None
-            if self._env_thread is not None:
-                self._env_thread.shutdown()
-                self._env_thread = None
+            self.collector.stop()  # the env step in flight finishes (or raises) first
             if previous is not None:
                 try:
                     signal.signal(signal.SIGTERM, previous)
@@ -330,28 +285,6 @@ class Trainer:
             stop_reason=self.stop_reason,
             stop_kind=self.stop_kind,
         )
-
-    def _collect(self) -> None:
-        """One step of every training env: act, store (obs_t, action_t), step the envs."""
-        c = self.counters
-        if self._pending is not None:
-            self._obs, self._pending = self._pending.result(), None
-        obs_t = self._to_device(self._obs)
-        action, self._carry = self.agent.policy(obs_t, self._carry)
-        if self.random_policy and c["env_steps"] < self.train_from:
-            action = torch.from_numpy(self.rng.integers(self.env.num_actions, size=len(action)))
-            action = action.to(self.device)
-            self._carry = self._carry[:2] + (dists.onehot(action, self.env.num_actions),)
-        step = {**obs_t, "action": action}
-        if self.cfg.train.replay_context:  # the posterior at this step seeds the next sequence
-            step.update(deter=self._carry[0], stoch=self._carry[1].argmax(-1))
-        self.replay.add(step)
-        self._track_episodes(self._obs)
-        action = action.cpu().numpy()
-        if self._env_thread is None:
-            self._obs = self.env.step(action)
-        else:
-            self._pending = self._env_thread.submit(self.env.step, action)
 
     def _wall_time(self, now: float | None = None) -> float:
         """Training seconds so far: the earlier segments (before a resume) plus this one."""
@@ -380,17 +313,8 @@ class Trainer:
             and self.replay.can_sample(t.sequence_length + t.replay_context)
         )
 
-    def _to_device(self, obs: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        return self.uploader(obs)
-
-    def _track_episodes(self, obs) -> None:
-        ep_ret = self._ep_ret = np.where(obs["is_first"], 0.0, self._ep_ret) + obs["reward"]
-        ep_len = self._ep_len = np.where(obs["is_first"], 0, self._ep_len + 1)
-        for i in np.flatnonzero(obs["is_last"]):
-            self._episode_end(int(i), float(ep_ret[i]), int(ep_len[i]))
-
     def _episode_end(self, env: int, ret: float, length: int) -> None:
-        """Hook: a training episode ended in env `env`."""
+        """Hook: a training episode ended in env `env` (called by the Collector)."""
         self.counters["episodes"] += 1
         self.last_return = ret
         self._record("episode", episode_return=ret, episode_length=length)
@@ -476,16 +400,9 @@ class Trainer:
 
     def _check_health(self, means: dict[str, float]) -> None:
         """Stops the run on a diverged metric, read from the means a log line already holds."""
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
-        bound, value = self.cfg.train.max_abs_dream_value, means.get("dream_value")
-        if bad:
-            self._stop_unhealthy(f"non-finite {', '.join(bad)}", {k: means[k] for k in bad})
-        elif bound > 0 and value is not None and abs(value) > bound:
-            self._stop_unhealthy(
-                f"dream_value {short(value)} beyond the bound {short(bound)} "
-                "(train.max_abs_dream_value)",
-                {"dream_value": value},
-            )
+        found = unhealthy(means, self.cfg.train.max_abs_dream_value)
+        if found is not None:
+            self._stop_unhealthy(*found)
 
     def _stop_unhealthy(self, reason: str, values: dict[str, float]) -> None:
         step = self.counters["step"]
@@ -499,55 +416,21 @@ class Trainer:
         raise HealthError(f"step {step}: {reason}; {where}")
 
     def _check_early_stop(self, wm_loss: float | None) -> None:
-        reason = self._early_stop_reason(wm_loss, self.counters)
+        c = self.counters
+        reason = early_stop_reason(self.cfg.train, wm_loss, c, c["step"])
         if reason is None:
             return
         self.stop_reason, self.stop_kind = reason, "early stop"
-        best = self.counters["es_best"]
-        self._record("early_stop", reason=reason, best_wm_loss=best)
-        self.progress.write(f"early stop at step {self.counters['step']}: {reason}")
-
-    def _early_stop_reason(self, wm_loss: float | None, c: dict) -> str | None:
-        """train.early_stop_patience on the counters `c` (the run's, or a member's): why to
-        stop, or None."""
-        t = self.cfg.train
-        if not t.early_stop_patience or wm_loss is None:
-            return None
-        best = c["es_best"]
-        if not math.isfinite(best) or wm_loss < best - t.early_stop_min_delta * abs(best):
-            c.update(es_best=wm_loss, es_best_step=self.counters["step"], es_stale=0)
-            return None
-        c["es_stale"] += 1
-        if c["es_stale"] < t.early_stop_patience:
-            return None
-        return (
-            f"wm_loss has not improved on its best {short(best)} (step {c['es_best_step']}) by "
-            f"{short(t.early_stop_min_delta)} relative for {c['es_stale']} log intervals "
-            "(train.early_stop_patience)"
-        )
+        self._record("early_stop", reason=reason, best_wm_loss=c["es_best"])
+        self.progress.write(f"early stop at step {c['step']}: {reason}")
 
     def _check_solved(self) -> None:
-        reason = self._solved_reason(self.last_eval, self.counters)
+        reason = solved_reason(self.cfg, self.last_eval, self.counters)
         if reason is None:
             return
         self.stop_reason, self.stop_kind = reason, "solved"
         self._record("solved", reason=reason, eval_return=self.last_eval)
         self.progress.write(f"solved at step {self.counters['step']}: {reason}")
-
-    def _solved_reason(self, last_eval: float, c: dict) -> str | None:
-        """train.stop_solved_evals on the counters `c`: the reason to end the run after that
-        many evaluations in a row at or above the task's solved return, or None."""
-        need = self.cfg.train.stop_solved_evals
-        if not need:
-            return None
-        target = TASK_TARGETS[self.cfg.env.name]
-        c["solved_streak"] = c["solved_streak"] + 1 if last_eval >= target else 0
-        if c["solved_streak"] < need:
-            return None
-        return (
-            f"{c['solved_streak']} evaluations in a row reached the solved return "
-            f"{target:g} (train.stop_solved_evals)"
-        )
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -557,15 +440,8 @@ class Trainer:
 
     def _evaluate(self) -> float:
         c = self.counters
-        greedy = self.cfg.log.eval_policy == "mode"
-        # The first eval env's (obs_t, action_t) pairs, as the replay stores them, for a dream:
-        # its first episode up to and including the is_last observation, at most dream_steps.
-        frames: list[dict[str, np.ndarray]] | None = [] if self.dreams else None
-        actions: list[int] = []
-        record = None
-        if frames is not None:
-            record = functools.partial(self._record_frame, frames, actions)
-        episodes = play_episodes(self.agent, self.eval_env, self._to_device, greedy, record)
+        # With dream videos, the first eval env's first episode is recorded for a dream.
+        episodes, clip = self.evaluator.play(record=self.dreams)
         returns, lengths = episodes.returns, episodes.lengths
         self.last_eval = float(returns.mean())
         # LunarLander: eval_rest, eval_crash, eval_time_limit; other tasks: eval_time_limit.
@@ -587,45 +463,9 @@ class Trainer:
             c["best_eval"] = self.last_eval
             self._checkpoint("best")
         self._check_solved()
-        if frames is not None:
-            self._dream(frames, actions)
+        if clip is not None:
+            self.evaluator.dream(clip, c["step"])
         return self.last_eval
-
-    def _record_frame(
-        self, frames: list, actions: list[int], obs: dict[str, np.ndarray], action: int
-    ) -> bool:
-        """Appends env 0's observation and action; False once the recording is complete."""
-        frames.append({k: np.array(v[0]) for k, v in obs.items()})
-        actions.append(action)
-        return not obs["is_last"][0] and len(frames) < self.cfg.log.dream_steps
-
-    def _dream(self, frames: list[dict[str, np.ndarray]], actions: list[int]) -> None:
-        """The recorded eval episode beside the world model's open-loop prediction, as a GIF."""
-        step, ctx = self.counters["step"], self.cfg.log.dream_context
-        if len(frames) < ctx + 1:
-            self.progress.write(
-                f"note: step {step}: no dream video: the first eval episode lasted "
-                f"{len(frames)} steps, fewer than log.dream_context + 1 = {ctx + 1}"
-            )
-            return
-        dream = importlib.import_module("engine.dream")
-        obs = {k: torch.from_numpy(np.stack([f[k] for f in frames])) for k in frames[0]}
-        obs = {k: v.to(self.device) for k, v in obs.items()}  # (T, ...)
-        acts = torch.tensor(actions, dtype=torch.long, device=self.device)  # (T,)
-        path = self.run_dir / "dreams" / f"dream_{step:07d}.gif"
-        # The dream samples latents: its own RNG stream leaves the training run unchanged.
-        devices = [self.device] if self.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                pred = dream.open_loop(self.agent, obs, acts, ctx)  # (T, 64, 64, 3) uint8
-            path.parent.mkdir(exist_ok=True)
-            truth = obs["image"].cpu().numpy()
-            dream.write_gif(path, truth, pred.cpu().numpy(), context=ctx)  # atomic itself
-        except Exception as e:  # a diagnostic: a failing video must not end a long run
-            first = (str(e).strip().splitlines() or [""])[0]
-            self.progress.write(
-                f"notice: step {step}: dream video failed: {type(e).__name__}: {first}"
-            )
 
     # ---- Checkpoints --------------------------------------------------------------------------
 
@@ -722,15 +562,6 @@ class Trainer:
             f"{a.num_params():,} (world model {count(a.wm) / 1e6:.2f}M, actor "
             f"{count(a.behavior.actor) / 1e6:.2f}M, critic {count(a.behavior.critic) / 1e6:.2f}M)"
         )
-
-
-def _require_dream() -> None:
-    """engine.dream is imported at evaluation; a run asking for dream videos fails at start
-    rather than at its first evaluation when the module is missing."""
-    try:
-        importlib.import_module("engine.dream")
-    except ImportError as e:
-        raise TrainingError(f"log.dream_video = true needs engine.dream: {e}") from None
 
 
 def _install_sigterm():

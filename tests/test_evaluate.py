@@ -1,4 +1,5 @@
-"""engine.evaluate: the shared episode loop, and the command that re-checks a checkpoint."""
+"""engine.episodes (the shared episode loop, episode ends), engine.rundir (a run directory read
+back) and engine.evaluate, the command that re-checks a checkpoint."""
 
 import json
 import subprocess
@@ -12,16 +13,9 @@ from engine import evaluate
 from engine.agent import Agent
 from engine.config import load_config
 from engine.envs import make_env
-from engine.evaluate import (
-    Episodes,
-    RunError,
-    end_labels,
-    ends_text,
-    episode_ends,
-    load_run,
-    play_episodes,
-    summary,
-)
+from engine.episodes import Episodes, end_labels, episode_ends, play_episodes
+from engine.evaluate import ends_text, summary
+from engine.rundir import RunError, load_run
 from engine.transfer import ObsUploader
 from tests.helpers import run_module, tiny_run
 

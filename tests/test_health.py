@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from engine import config as config_module
 from engine import run as cli_main
-from engine import trainer as trainer_module
 from engine.config import load_config
 from engine.trainer import TENSORBOARD_MISSING, HealthError, Trainer, TrainingError
 
@@ -186,7 +186,7 @@ def test_stop_solved_evals_ends_the_run_after_enough_evals_in_a_row(tmp_path):
 
 def test_a_solved_run_ends_at_the_evaluation_that_completes_the_streak(tmp_path, monkeypatch):
     # A target of -1 makes every evaluation count as solved: the run ends at the second one.
-    monkeypatch.setitem(trainer_module.TASK_TARGETS, "CartPole-v1", -1.0)
+    monkeypatch.setitem(config_module.TASK_TARGETS, "CartPole-v1", -1.0)
     rd = tmp_path / "r"
     tr = trainer(rd, "train.stop_solved_evals=2", "train.max_train_steps=40", "log.eval_every=6")
     try:

@@ -390,7 +390,7 @@ def test_end_counts_skips_unusable_eval_lines():
 
 
 def test_report_never_imports_torch(tmp_path):
-    """The report runs beside training in a second: engine.evaluate's end kinds come without
+    """The report runs beside training in a second: engine.episodes' end kinds come without
     torch."""
     a = write_metrics(tmp_path / "a", synthetic(30))
     code = (

@@ -1,0 +1,116 @@
+"""Episodes of a trained agent: one per env, played in parallel (`play_episodes`, which the
+trainer's evaluations, the population's and `python -m engine.evaluate` share), and how each
+ended (`episode_ends`).
+
+torch is imported inside the functions that need it: engine.report reads `END_KINDS` and
+`END_TEXT` from here and never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from engine.agent import Agent
+
+# How an episode ended, in display order. LunarLander-v3 ends by termination when the lander
+# comes to rest (the last reward is +100: it replaces that step's shaping) or crashes / flies off
+# the sides (-100); a CartPole-v1 termination is the pole falling (or the cart leaving the
+# track). Both are cut at their time limit (1,000 and 500 steps), where the last reward is
+# LunarLander's shaping (a few units either way) or CartPole's 1.
+END_KINDS: dict[str, tuple[str, ...]] = {"LunarLander-v3": ("rest", "crash", "time_limit")}
+DEFAULT_END_KINDS = ("terminated", "time_limit")
+END_TEXT = {
+    "rest": "rest",
+    "crash": "crash",
+    "terminated": "terminated",
+    "time_limit": "at the time limit",
+}
+
+
+def end_kinds(task: str) -> tuple[str, ...]:
+    """The ways an episode of `task` can end, in display order."""
+    return END_KINDS.get(task, DEFAULT_END_KINDS)
+
+
+def episode_ends(task: str, terminal: np.ndarray, last_reward: np.ndarray) -> dict[str, Any]:
+    """How each episode ended: {kind: boolean mask over the episodes}, keys `end_kinds(task)` in
+    order; every episode is in exactly one. LunarLander-v3: "rest" (terminated, last reward > 0),
+    "crash" (terminated, last reward <= 0), "time_limit"; other tasks: "terminated",
+    "time_limit". `terminal`: ended by the task (True) or cut at its time limit (False)."""
+    terminal = np.asarray(terminal, dtype=bool)
+    last_reward = np.asarray(last_reward, dtype=float)
+    if terminal.shape != last_reward.shape:
+        raise ValueError(f"terminal {terminal.shape} and last_reward {last_reward.shape} differ")
+    kinds = end_kinds(task)
+    if "rest" in kinds:
+        masks = dict(rest=terminal & (last_reward > 0), crash=terminal & ~(last_reward > 0))
+    else:
+        masks = dict(terminated=terminal)
+    masks["time_limit"] = ~terminal
+    return {k: masks[k] for k in kinds}
+
+
+def end_labels(ends: dict[str, Any]) -> list[str]:
+    """Per episode, the kind of its end, from `episode_ends`' masks."""
+    n = len(next(iter(ends.values())))
+    labels = [""] * n
+    for kind, mask in ends.items():
+        for i in np.flatnonzero(mask):
+            labels[i] = kind
+    return labels
+
+
+class Episodes(NamedTuple):
+    """One finished episode per env."""
+
+    returns: np.ndarray
+    lengths: np.ndarray
+    terminal: np.ndarray  # ended by the task (True) or cut at its time limit (False)
+    last_reward: np.ndarray  # the reward of the final step (LunarLander: +100 rest, -100 crash)
+
+
+def play_episodes(
+    agent: Agent,
+    env: Any,
+    to_device: Callable[[dict[str, np.ndarray]], dict[str, Tensor]],
+    greedy: bool,
+    record: Callable[[dict[str, np.ndarray], int], bool] | None = None,
+) -> Episodes:
+    """One episode in each of `env`'s envs, in parallel.
+
+    `record(obs, action)` (optional) sees env 0's observation and the action chosen for it at each
+    step until it returns False, then once more with the episode's last observation and action 0
+    if env 0's episode ended while it was still recording."""
+    import torch
+
+    obs = env.reset()
+    device = next(agent.parameters()).device
+    carry = agent.initial_carry(env.num_envs, device)
+    returns = np.zeros(env.num_envs)
+    lengths = np.zeros(env.num_envs, dtype=np.int64)
+    done = np.zeros(env.num_envs, dtype=bool)
+    terminal = np.zeros(env.num_envs, dtype=bool)
+    last_reward = np.zeros(env.num_envs)
+    recording = record is not None
+    with torch.no_grad():
+        while not done.all():
+            action, carry = agent.policy(to_device(obs), carry, greedy)
+            action = action.cpu().numpy()
+            if recording:
+                recording = record(obs, int(action[0]))
+            obs = env.step(action)
+            returns += np.where(done, 0.0, obs["reward"])
+            lengths += ~done
+            ending = obs["is_last"] & ~done
+            terminal[ending] = obs["is_terminal"][ending]
+            last_reward[ending] = obs["reward"][ending]
+            done |= ending
+    if recording:  # env 0 ended on the last step: its final frame (no action is executed)
+        record(obs, 0)
+    return Episodes(returns, lengths, terminal, last_reward)

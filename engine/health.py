@@ -1,0 +1,65 @@
+"""When a run stops before its budget: diverged (a non-finite metric, a runaway dream value),
+early-stopped (train.early_stop_patience) or solved (train.stop_solved_evals). Pure decisions
+on the config and a run's (or a population member's) counters; the trainer acts on them."""
+
+from __future__ import annotations
+
+import math
+
+from engine.config import TASK_TARGETS, Config, TrainConfig
+
+
+def short(x: float) -> str:
+    """8.9e7 rather than 89000000.0 or 8.9e+07, for one-line messages."""
+    return f"{x:.3g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def unhealthy(means: dict[str, float], max_abs_dream_value: float) -> tuple[str, dict] | None:
+    """A diverged metric in a log interval's `means`: (reason, the offending values), or None.
+    `max_abs_dream_value` is train.max_abs_dream_value (0: no bound)."""
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    bound, value = max_abs_dream_value, means.get("dream_value")
+    if bad:
+        return f"non-finite {', '.join(bad)}", {k: means[k] for k in bad}
+    if bound > 0 and value is not None and abs(value) > bound:
+        return (
+            f"dream_value {short(value)} beyond the bound {short(bound)} "
+            "(train.max_abs_dream_value)",
+            {"dream_value": value},
+        )
+    return None
+
+
+def early_stop_reason(t: TrainConfig, wm_loss: float | None, c: dict, step: int) -> str | None:
+    """train.early_stop_patience on the counters `c` (the run's, or a member's), updated in
+    place, at update `step`: why to stop, or None."""
+    if not t.early_stop_patience or wm_loss is None:
+        return None
+    best = c["es_best"]
+    if not math.isfinite(best) or wm_loss < best - t.early_stop_min_delta * abs(best):
+        c.update(es_best=wm_loss, es_best_step=step, es_stale=0)
+        return None
+    c["es_stale"] += 1
+    if c["es_stale"] < t.early_stop_patience:
+        return None
+    return (
+        f"wm_loss has not improved on its best {short(best)} (step {c['es_best_step']}) by "
+        f"{short(t.early_stop_min_delta)} relative for {c['es_stale']} log intervals "
+        "(train.early_stop_patience)"
+    )
+
+
+def solved_reason(cfg: Config, last_eval: float, c: dict) -> str | None:
+    """train.stop_solved_evals on the counters `c`, updated in place: the reason to end the run
+    after that many evaluations in a row at or above the task's solved return, or None."""
+    need = cfg.train.stop_solved_evals
+    if not need:
+        return None
+    target = TASK_TARGETS[cfg.env.name]
+    c["solved_streak"] = c["solved_streak"] + 1 if last_eval >= target else 0
+    if c["solved_streak"] < need:
+        return None
+    return (
+        f"{c['solved_streak']} evaluations in a row reached the solved return "
+        f"{target:g} (train.stop_solved_evals)"
+    )
