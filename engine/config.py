@@ -331,6 +331,9 @@ MEMBER_KEYS = (
     "models.free_bits",
     "models.unimix",
 )
+# A member grid may also give each member its own seed (engine.sweep --population packs a grid's
+# seeds this way); without it member i has general.seed + i. PBT never perturbs it.
+GRID_KEYS = (*MEMBER_KEYS, "general.seed")
 
 
 @dataclass
@@ -350,7 +353,7 @@ class PopulationConfig:
     """Agents trained together in one process, seeds general.seed .. general.seed + size - 1."""
     grid: dict = field(default_factory=dict)
     """Per-member settings: {"train.actor_lr" = [one value per member], ...}, keys from
-    MEMBER_KEYS; a key not given is the config's value for every member."""
+    GRID_KEYS; a key not given is the config's value for every member."""
     pbt: PBTConfig = field(default_factory=PBTConfig)
 
 
@@ -727,12 +730,12 @@ def _validate_population(cfg: Config, src: str, need: Any) -> None:
     need(pop.size >= 1, "population.size", "must be >= 1", pop.size)
     for key, values in pop.grid.items():
         name = f"population.grid.{key}"
-        if key not in MEMBER_KEYS:
+        if key not in GRID_KEYS:
             known = key in _all_keys()
             why = "changes tensor shapes or the run's data" if known else "is not a config key"
             raise ConfigError(
                 f"{src}: '{name}' {why}: a member grid may hold only "
-                f"{', '.join(k.split('.', 1)[1] for k in MEMBER_KEYS)}"
+                f"{', '.join(k.split('.', 1)[1] for k in GRID_KEYS)}"
             )
         need(isinstance(values, list), name, "must be a list (one value per member)", values)
         need(
@@ -766,8 +769,9 @@ def _all_keys(cls: type = None, prefix: str = "") -> set[str]:
 
 
 def member_configs(cfg: Config, src: str = "config") -> list[Config]:
-    """The population's members as single-agent configs: member i has seed general.seed + i,
-    its grid values, and a population of 1 (what a member's run directory holds)."""
+    """The population's members as single-agent configs: member i has seed general.seed + i
+    (or the grid's general.seed), its grid values, and a population of 1 (what a member's run
+    directory holds)."""
     out = []
     for i in range(cfg.population.size):
         member = copy.deepcopy(cfg)

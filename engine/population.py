@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_map
 from engine import checkpoint
 from engine.agent import Agent, Carry
 from engine.config import (
+    MEMBER_KEYS,
     Config,
     ConfigError,
     Schedule,
@@ -658,7 +659,7 @@ class PopulationTrainer(Trainer):
             member = explore(
                 self.member_cfgs[src],
                 self.member_cfgs[dst].general.seed,
-                list(self.cfg.population.grid),
+                [k for k in self.cfg.population.grid if k in MEMBER_KEYS],
                 pbt.perturb,
                 rng,
             )
@@ -825,7 +826,8 @@ class PopulationTrainer(Trainer):
         rows = []
         for k, (member, mc) in enumerate(zip(self.member_cfgs, self.member_counters)):
             row = {"member": member_dir_name(k), "seed": member.general.seed}
-            row.update({key: get_key(member, key) for key in self.cfg.population.grid})
+            grid = [key for key in self.cfg.population.grid if key != "general.seed"]
+            row.update({key: get_key(member, key) for key in grid})
             row.update(
                 status=mc["status"] + (f" ({mc['reason']})" if mc["reason"] else ""),
                 episodes=mc["episodes"],

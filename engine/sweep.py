@@ -9,6 +9,10 @@ the same command finishes what is missing (done runs are skipped, interrupted ru
 their checkpoint, failed ones restart in a clean directory), and `summary.csv`/`summary.md`
 tabulate the losses and returns of every run and the mean +- std over seeds of every setting.
 
+`--population K` packs the runs that differ only in seed and member settings (config.GRID_KEYS)
+into population processes of up to K members (engine.population): one process and one update
+for K runs; each run's name links to its member's directory, so the tables read it unchanged.
+
 Input errors (a bad key or value in any combination, a sweep directory that holds another sweep)
 print one line and exit 2 before any run starts. Ctrl-C/SIGTERM stops the running children with
 SIGTERM (each writes its checkpoint) and exits 130; a failed run makes the exit status 1.
@@ -43,12 +47,17 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from engine.config import (
+    GRID_KEYS,
     TASK_TARGETS,
     Config,
     ConfigError,
     add_set_option,
     apply_overrides,
     load_config,
+    member_configs,
+    save_toml,
+    to_dict,
+    validate,
 )
 from engine.report import SUMMARY_LOSSES
 
@@ -80,6 +89,10 @@ class RunSpec:
     """Grid key -> value text as given (passed on unchanged as `--set key=value`)."""
     seed: int
     overrides: list[str]
+    job: str | None = None
+    """With --population: the population process that trains this run (None: its own)."""
+    member: int | None = None
+    """Its member index there."""
 
 
 @dataclass
@@ -93,6 +106,10 @@ class Plan:
     overrides: list[str]
     runs: list[RunSpec]
     arms: dict[str, list[str]] = field(default_factory=dict)
+    population: int = 1
+    """--population: at most this many runs packed into one population process."""
+    packs: dict[str, Config] = field(default_factory=dict)
+    """Population process name -> its config (population.size and a member grid)."""
 
     def identity(self) -> dict[str, Any]:
         """What must match for a sweep directory to be continued by this command."""
@@ -106,6 +123,8 @@ class Plan:
         )
         if self.arms:  # absent without arms, so older sweep directories still continue
             ident["arms"] = {k: list(v) for k, v in self.arms.items()}
+        if self.population > 1:  # the same for --population: its directories differ
+            ident["population"] = self.population
         return ident
 
 
@@ -258,10 +277,13 @@ def build_plan(
     max_steps: int | None,
     overrides: list[str],
     arm_specs: list[str] = (),
+    population: int = 1,
 ) -> Plan:
     """Parse and validate everything, every combination included, before anything runs."""
     if seeds < 1:
         raise SweepError(f"--seeds {seeds}: must be >= 1")
+    if population < 1:
+        raise SweepError(f"--population {population}: must be >= 1")
     if max_steps is not None and max_steps < 0:
         raise SweepError(f"--max-steps {max_steps}: must be >= 0")
     fixed = list(overrides) + ([f"{STEPS_KEY}={max_steps}"] if max_steps is not None else [])
@@ -311,6 +333,7 @@ def build_plan(
         except ConfigError as e:
             setting = ",".join(f"{k}={v}" for k, v in combo) or "(no grid)"
             raise SweepError(f"--grid setting {setting}: {e}") from None
+    packs = pack(config, runs, population, base) if population > 1 else {}
     # The file's own settings, as parsed: a default added to the engine later (a new config key)
     # does not make an unchanged file's sweep a different one.
     raw = plain_settings(config)
@@ -325,7 +348,70 @@ def build_plan(
         overrides=list(overrides),
         runs=runs,
         arms=arms,
+        population=population,
+        packs=packs,
     )
+
+
+def pack(config: str, runs: list[RunSpec], size: int, base: Config) -> dict[str, Config]:
+    """--population: runs that differ only in their seed and member settings (GRID_KEYS: learning
+    rates, loss scales, gamma, ...) train together, up to `size` per process, as one population
+    whose member grid holds each run's seed and settings. Runs whose other settings differ (the
+    model size, the batch, the env) go to different populations; a population of one is a plain
+    run. Sets each run's `job` and `member`; returns each population's config, checked to give
+    every member exactly the config its run would have had alone."""
+    if base.population.size > 1:
+        raise SweepError(
+            f"--population {size}: {config} is itself a population (population.size "
+            f"{base.population.size}); --population packs single runs"
+        )
+    groups: dict[tuple[str, ...], list[RunSpec]] = {}
+    for run in runs:
+        shared = tuple(o for o in run.overrides if _key_of(o) not in GRID_KEYS)
+        groups.setdefault(shared, []).append(run)
+    packs: dict[str, Config] = {}
+    for shared, group in groups.items():
+        for start in range(0, len(group), size):
+            chunk = group[start : start + size]
+            if len(chunk) == 1:
+                continue  # runs as itself
+            name = f"population_{len(packs):02d}"
+            alone = [load_config(config, run.overrides) for run in chunk]
+            keys = sorted({_key_of(o) for run in chunk for o in run.overrides} & set(GRID_KEYS))
+            grid = {SEED_KEY: [run.seed for run in chunk]}
+            cfg = load_config(config, list(shared))
+            for key in keys:
+                values = [_plain(_get(c, key)) for c in alone]
+                if key == SEED_KEY:
+                    continue
+                if all(v == values[0] for v in values):
+                    apply_overrides(cfg, [o for o in chunk[0].overrides if _key_of(o) == key])
+                else:
+                    grid[key] = values
+            cfg.population.size, cfg.population.grid = len(chunk), grid
+            try:
+                validate(cfg, f"--population {name}")
+                members = member_configs(cfg, f"--population {name}")
+            except ConfigError as e:
+                raise SweepError(str(e)) from None
+            for k, (run, member, own) in enumerate(zip(chunk, members, alone)):
+                if to_dict(member) != to_dict(own):  # a packing bug, never the user's input
+                    raise SweepError(f"--population: {run.name} would not train as configured")
+                run.job, run.member = name, k
+            packs[name] = cfg
+    return packs
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _plain(value: Any) -> Any:
+    """A setting as a config file holds it (a schedule as its table)."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,10 +437,21 @@ class RunRecord:
     finished: str | None = None
     pid: int | None = None
     early_stop_step: int | None = None
+    job: str | None = None
+    """With --population: the population process (its directory) that trains this run, whose
+    member `member` this run's directory links to."""
+    member: int | None = None
 
     @classmethod
     def from_spec(cls, spec: RunSpec) -> RunRecord:
-        return cls(spec.name, dict(spec.settings), spec.seed, list(spec.overrides))
+        return cls(
+            spec.name,
+            dict(spec.settings),
+            spec.seed,
+            list(spec.overrides),
+            job=spec.job,
+            member=spec.member,
+        )
 
 
 @dataclass
@@ -442,7 +539,9 @@ def _still_running(pid: int, run_dir: Path) -> bool:
 
 @dataclass
 class Child:
-    record: RunRecord
+    name: str
+    """The process's name: its run's, or its population's (the runs it trains in `records`)."""
+    records: list[RunRecord]
     proc: subprocess.Popen
     reader: threading.Thread
     last_err: list[str]
@@ -486,6 +585,9 @@ def _stop(records: list[dict[str, Any]]) -> tuple[str, int] | None:
 
 
 class Sweeper:
+    """Runs the sweep's processes: one per run, or with --population one per population of
+    packed runs (`RunRecord.job`), whose members' directories the runs' names link to."""
+
     def __init__(self, out: Path, plan: Plan, state: SweepState, parallel: int):
         self.out, self.plan, self.state, self.parallel = out, plan, state, parallel
         self.running: dict[str, Child] = {}
@@ -494,6 +596,10 @@ class Sweeper:
 
     def run_dir(self, rec: RunRecord) -> Path:
         return (self.out / rec.name).resolve()
+
+    def job_dir(self, name: str) -> Path:
+        """The directory a process writes: its run's, or its population's."""
+        return (self.out / name).resolve()
 
     def save(self) -> None:
         save_state(self.out, self.state)
@@ -504,37 +610,51 @@ class Sweeper:
         else:
             self.force = True
 
-    def todo(self) -> list[RunRecord]:
-        out = []
+    def todo(self) -> list[tuple[str, list[RunRecord]]]:
+        """(process name, its runs) for every process with a run to do. A population runs again
+        as a whole (resumed when it was interrupted) unless it ended normally: a member that
+        failed in a population that finished stays failed (re-running it would retrain the
+        others too)."""
+        jobs: dict[str, list[RunRecord]] = {}
         for rec in self.state.runs:
-            if rec.status == "done" and self.run_dir(rec).is_dir():
-                continue
-            if rec.status == "done":  # its directory was removed: run it again
-                rec.status = "pending"
-            out.append(rec)
+            jobs.setdefault(rec.job or rec.name, []).append(rec)
+        out = []
+        for name, recs in jobs.items():
+            for rec in recs:
+                if rec.status == "done" and not self.run_dir(rec).is_dir():
+                    rec.status = "pending"  # its directory was removed: run it again
+            finished = recs[0].job is not None and all(
+                r.exit_code == 0 and r.status in ("done", "failed") for r in recs
+            )
+            if any(rec.status != "done" for rec in recs) and not finished:
+                out.append((name, recs))
         return out
 
     def run(self) -> int:
         """Run what is missing; 130 when stopped by a signal, 1 when a run failed, else 0."""
         for rec in self.state.runs:
             if rec.status == "running":
-                if rec.pid and _still_running(rec.pid, self.run_dir(rec)):
+                where = self.job_dir(rec.job or rec.name)
+                if rec.pid and _still_running(rec.pid, where):
                     raise SweepError(
-                        f"{self.out / rec.name}: still running as pid {rec.pid} (started by an "
-                        f"earlier sweep process); wait for it or stop it, then re-run"
+                        f"{where}: still running as pid {rec.pid} (started by an earlier sweep "
+                        "process); wait for it or stop it, then re-run"
                     )
                 rec.status, rec.pid = "interrupted", None
         todo = self.todo()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "logs").mkdir(exist_ok=True)
         self.save()
-        total, skipped = len(self.state.runs), len(self.state.runs) - len(todo)
-        _say(f"{total} runs, {skipped} done already, {len(todo)} to run in {self.out}")
+        total = len(self.state.runs)
+        left = sum(len(recs) for _, recs in todo)
+        packed = sum(len(recs) > 1 for _, recs in todo)
+        how = f" as {len(todo)} processes ({packed} populations)" if packed else ""
+        _say(f"{total} runs, {total - left} done already, {left} to run{how} in {self.out}")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while (todo or self.running) and self.stop_signal is None:
                 while todo and len(self.running) < self.parallel:
-                    self.start(todo.pop(0))
+                    self.start(*todo.pop(0))
                 for child in list(self.running.values()):
                     if child.proc.poll() is not None:
                         self.finish(child)
@@ -556,36 +676,56 @@ class Sweeper:
             return 1
         return 0
 
-    def command(self, rec: RunRecord) -> list[str]:
-        """Resume an interrupted run from its checkpoint; otherwise start it in a clean dir."""
-        run_dir = self.run_dir(rec)
-        sets = [x for o in rec.overrides for x in ("--set", o)]
+    def command(self, name: str, recs: list[RunRecord]) -> list[str]:
+        """Resume an interrupted process from its checkpoint; otherwise start it in a clean
+        directory. A population's config (population.size, its member grid) is written under
+        populations/ first; a run trained by one links its name to its member's directory."""
+        run_dir, population = self.job_dir(name), recs[0].job is not None
         exe = [sys.executable, "-m", "engine.run"]
-        ckpt = run_dir / "checkpoints" / "latest.pt"
-        if rec.status == "interrupted" and ckpt.is_file() and (run_dir / "config.toml").is_file():
-            rec.resumed = True
+        saved = run_dir / "checkpoints" / ("population.pt" if population else "latest.pt")
+        interrupted = any(r.status == "interrupted" for r in recs)
+        resume = interrupted and saved.is_file() and (run_dir / "config.toml").is_file()
+        for rec in recs:
+            rec.resumed = resume
+        sets = [] if population else [x for o in recs[0].overrides for x in ("--set", o)]
+        if resume:
             return exe + ["--resume", str(run_dir), *sets]
-        rec.resumed = False
         if run_dir.exists():
             aside = self.out / "aside"
             aside.mkdir(exist_ok=True)
             k = 1
-            while (aside / f"{rec.name}.{k}").exists():
+            while (aside / f"{name}.{k}").exists():
                 k += 1
-            os.replace(run_dir, aside / f"{rec.name}.{k}")
-            _say(f"moved the {rec.status} run's directory to {aside / f'{rec.name}.{k}'}")
-        return exe + ["--config", self.plan.config_abs, "--run-dir", str(run_dir), *sets]
+            os.replace(run_dir, aside / f"{name}.{k}")
+            _say(f"moved the {recs[0].status} run's directory to {aside / f'{name}.{k}'}")
+        if not population:
+            return exe + ["--config", self.plan.config_abs, "--run-dir", str(run_dir), *sets]
+        configs = self.out / "populations"
+        configs.mkdir(exist_ok=True)
+        save_toml(self.plan.packs[name], configs / f"{name}.toml")
+        for rec in recs:
+            link = self.out / rec.name
+            if link.is_symlink():
+                link.unlink()
+            link.symlink_to(Path(name) / _member_dir(rec.member))
+        return exe + [
+            "--config",
+            str((configs / f"{name}.toml").resolve()),
+            "--run-dir",
+            str(run_dir),
+        ]
 
-    def start(self, rec: RunRecord) -> None:
-        cmd = self.command(rec)
+    def start(self, name: str, recs: list[RunRecord]) -> None:
+        cmd = self.command(name, recs)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         if self.parallel > 1 and "OMP_NUM_THREADS" not in env:
             # Runs side by side share the cores instead of each starting one thread per core.
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))
-        log = open(self.out / "logs" / f"{rec.name}.log", "ab")
-        rec.attempts += 1
-        log.write(f"=== {_now()} attempt {rec.attempts}: {shlex.join(cmd)}\n".encode())
+        log = open(self.out / "logs" / f"{name}.log", "ab")
+        for rec in recs:
+            rec.attempts += 1
+        log.write(f"=== {_now()} attempt {recs[0].attempts}: {shlex.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(
             cmd,
@@ -598,32 +738,40 @@ class Sweeper:
         last = [""]
         reader = threading.Thread(target=_pump, args=(proc.stderr, log, last), daemon=True)
         reader.start()
-        rec.status, rec.pid, rec.exit_code, rec.error = "running", proc.pid, None, None
-        rec.started, rec.finished, rec.early_stop_step = _now(), None, None
-        self.running[rec.name] = Child(rec, proc, reader, last, time.perf_counter())
+        for rec in recs:
+            rec.status, rec.pid, rec.exit_code, rec.error = "running", proc.pid, None, None
+            rec.started, rec.finished, rec.early_stop_step = _now(), None, None
+        self.running[name] = Child(name, recs, proc, reader, last, time.perf_counter())
         self.save()
-        how = "resume" if rec.resumed else "start"
-        _say(f"{how} {rec.name} (attempt {rec.attempts}, log logs/{rec.name}.log)")
+        how = "resume" if recs[0].resumed else "start"
+        what = f" ({len(recs)} runs as one population)" if recs[0].job else ""
+        _say(f"{how} {name}{what} (attempt {recs[0].attempts}, log logs/{name}.log)")
 
     def finish(self, child: Child, stopping: bool = False) -> None:
-        rec, rc = child.record, child.proc.returncode
+        rc = child.proc.returncode
         child.reader.join(timeout=10)
-        del self.running[rec.name]
-        rec.wall_time += time.perf_counter() - child.t0
-        rec.exit_code, rec.pid, rec.finished = rc, None, _now()
-        if rc == 0:
-            rec.status, rec.error = "done", None
-            stop = _stop(_read_metrics(self.run_dir(rec)))
-            rec.early_stop_step = stop[1] if stop else None
-        elif stopping or rc in (130, -signal.SIGINT, -signal.SIGTERM):
-            rec.status, rec.error = "interrupted", None
-        else:
-            rec.status = "failed"
-            rec.error = child.last_err[0] or _describe_exit(rc)
+        del self.running[child.name]
+        members = _member_status(self.job_dir(child.name)) if child.records[0].job else {}
+        for rec in child.records:
+            rec.wall_time += time.perf_counter() - child.t0
+            rec.exit_code, rec.pid, rec.finished = rc, None, _now()
+            failed = members.get(rec.member, "")
+            if rc == 0 and failed.startswith("failed"):  # frozen while the others trained on
+                rec.status, rec.error = "failed", f"member {rec.member}: {failed}"
+            elif rc == 0:
+                rec.status, rec.error = "done", None
+                stop = _stop(_read_metrics(self.run_dir(rec)))
+                rec.early_stop_step = stop[1] if stop else None
+            elif stopping or rc in (130, -signal.SIGINT, -signal.SIGTERM):
+                rec.status, rec.error = "interrupted", None
+            else:
+                rec.status = "failed"
+                rec.error = child.last_err[0] or _describe_exit(rc)
         self.save()
         write_summary(self.out, self.state)
-        extra = f": {rec.error}" if rec.error else ""
-        _say(f"{rec.status} {rec.name} in {rec.wall_time:.0f} s (exit {rc}){extra}")
+        for rec in child.records:
+            extra = f": {rec.error}" if rec.error else ""
+            _say(f"{rec.status} {rec.name} in {rec.wall_time:.0f} s (exit {rc}){extra}")
 
     def stop_all(self) -> None:
         """SIGTERM every child (each checkpoints and exits 130); SIGKILL after the grace time
@@ -645,6 +793,22 @@ class Sweeper:
             time.sleep(0.1)
         for child in children:
             self.finish(child, stopping=child.proc.returncode != 0)
+
+
+def _member_dir(k: int | None) -> str:
+    return f"member_{k:02d}"  # engine.population.member_dir_name, without importing torch
+
+
+def _member_status(run_dir: Path) -> dict[int, str]:
+    """Member index -> its status in the population's population.csv ("failed (...)", ...)."""
+    try:
+        with open(run_dir / "population.csv", newline="") as f:
+            return {
+                int(r["member"].removeprefix("member_")): r.get("status", "")
+                for r in csv.DictReader(f)
+            }
+    except (OSError, KeyError, ValueError):
+        return {}
 
 
 def _describe_exit(rc: int) -> str:
@@ -850,7 +1014,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a named set of overrides (repeatable): the arms are one more grid dimension",
     )
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per setting (default 1)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--parallel", type=int, default=1, help="processes at a time (default 1)")
+    p.add_argument(
+        "--population",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train up to K runs that differ only in seed and member settings (learning rates, "
+        "loss scales, gamma, ...) as one population process (default 1: a process per run)",
+    )
     p.add_argument("--max-steps", type=int, help="train.max_train_steps of every run")
     p.add_argument("--out", help="sweep directory (default sweeps/<config stem>_<date-time>)")
     add_set_option(p, "a fixed override for every run (repeatable)")
@@ -873,7 +1045,15 @@ def sweep(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parallel < 1:
         raise SweepError(f"--parallel {args.parallel}: must be >= 1")
-    plan = build_plan(args.config, args.grid, args.seeds, args.max_steps, args.overrides, args.arm)
+    plan = build_plan(
+        args.config,
+        args.grid,
+        args.seeds,
+        args.max_steps,
+        args.overrides,
+        args.arm,
+        args.population,
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("sweeps") / f"{Path(args.config).stem}_{stamp}"
     open_sweep(out, plan)  # refuses a foreign directory before touching it

@@ -27,6 +27,18 @@ def write(tmp_path: Path, population: str) -> Path:
     return path
 
 
+def test_a_member_grid_may_give_each_member_its_own_seed(tmp_path):
+    # engine.sweep --population packs seeds x settings this way; PBT never perturbs a seed.
+    grid = '"general.seed" = [5, 5, 9]\n"train.actor_lr" = [1e-4, 3e-4, 3e-4]'
+    path = write(tmp_path, f"[population]\nsize = 3\n[population.grid]\n{grid}\n")
+    members = member_configs(load_config(path))
+    assert [(m.general.seed, m.train.actor_lr) for m in members] == [
+        (5, 1e-4),
+        (5, 3e-4),
+        (9, 3e-4),
+    ]
+
+
 def test_members_take_their_seed_and_grid_values(tmp_path):
     path = write(
         tmp_path,

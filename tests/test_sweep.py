@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from datetime import datetime
 from pathlib import Path
 
@@ -148,6 +149,61 @@ def test_bad_arms_are_refused_before_any_run(arms, words):
 def test_a_seed_only_sweep_needs_no_grid():
     plan = build_plan("configs/tiny.toml", [], seeds=3, max_steps=None, overrides=[])
     assert [r.name for r in plan.runs] == ["seed=0", "seed=1", "seed=2"]
+
+
+def test_population_packs_runs_that_share_shapes_and_keeps_each_runs_config():
+    plan = build_plan(
+        "configs/tiny.toml",
+        ["train.actor_lr=1e-4,3e-4", "train.batch_size=2,4"],
+        seeds=2,
+        max_steps=3,
+        overrides=["train.gamma=0.98"],
+        population=4,
+    )
+    # batch_size changes shapes: two populations (one per batch size), each holding both
+    # learning rates x both seeds; gamma is the same for all, so it is no grid key.
+    assert sorted(plan.packs) == ["population_00", "population_01"]
+    assert plan.identity()["population"] == 4
+    by_job = {}
+    for run in plan.runs:
+        by_job.setdefault(run.job, []).append(run)
+    for name, runs in by_job.items():
+        cfg = plan.packs[name]
+        assert cfg.population.size == 4 and [r.member for r in runs] == [0, 1, 2, 3]
+        assert {r.settings["train.batch_size"] for r in runs} == {str(cfg.train.batch_size)}
+        assert cfg.population.grid == {
+            "general.seed": [r.seed for r in runs],
+            "train.actor_lr": [float(r.settings["train.actor_lr"]) for r in runs],
+        }
+        assert cfg.train.gamma == 0.98 and cfg.train.max_train_steps == 3
+    # Without --population nothing is packed and the identity is as before.
+    plain = build_plan("configs/tiny.toml", ["train.actor_lr=1e-4,3e-4"], 2, None, [])
+    assert not plain.packs and all(r.job is None for r in plain.runs)
+    assert "population" not in plain.identity()
+
+
+def test_population_packs_in_chunks_and_a_lone_run_stays_plain():
+    plan = build_plan("configs/tiny.toml", [], seeds=5, max_steps=None, overrides=[], population=2)
+    assert [(r.job, r.member) for r in plan.runs] == [
+        ("population_00", 0),
+        ("population_00", 1),
+        ("population_01", 0),
+        ("population_01", 1),
+        (None, None),
+    ]
+    assert plan.packs["population_01"].population.grid == {"general.seed": [2, 3]}
+
+
+@pytest.mark.parametrize(
+    "population, overrides, words",
+    [
+        (0, [], "--population 0: must be >= 1"),
+        (2, ["population.size=2"], "is itself a population"),
+    ],
+)
+def test_bad_population_packing_is_refused(population, overrides, words):
+    with pytest.raises(SweepError, match=words):
+        build_plan("configs/tiny.toml", [], 2, None, overrides, population=population)
 
 
 def test_short_keys_lengthen_only_where_leaves_collide():
@@ -352,6 +408,49 @@ def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):
         rows = {r["image_scale"]: r for r in csv.DictReader(f)}
     assert rows["1e308"]["status"] == "failed" and rows["1"]["status"] == "done"
     assert rows["1"]["final_wm_loss"] and not rows["1e308"]["final_wm_loss"]
+
+
+def test_population_sweep_trains_packed_runs_in_one_process_and_resumes(tmp_path):
+    out = tmp_path / "s"
+    args = [*FAST, "--grid", "train.actor_lr=1e-4,3e-4", "--seeds", "2", "--max-steps", "2"]
+    args += ["--population", "4", "--out", out]
+    res = sweep(*args)
+    assert res.returncode == 0, res.stderr
+    assert "4 runs, 0 done already, 4 to run as 1 processes (1 populations)" in res.stderr
+    recs = runs(out)
+    assert [r["member"] for r in recs.values()] == [0, 1, 2, 3]
+    assert {r["job"] for r in recs.values()} == {"population_00"}
+    assert all(r["status"] == "done" and r["exit_code"] == 0 for r in recs.values())
+    assert (out / "population_00" / "population.csv").is_file()
+    assert (out / "logs" / "population_00.log").is_file()
+    for name, r in recs.items():
+        link = out / name
+        assert (
+            link.is_symlink()
+            and link.resolve() == (out / "population_00" / f"member_{r['member']:02d}").resolve()
+        )
+        cfg = tomllib.loads((link / "config.toml").read_text())
+        assert cfg["general"]["seed"] == r["seed"] and cfg["population"]["size"] == 1
+        assert cfg["train"]["actor_lr"] == float(r["settings"]["train.actor_lr"])
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["actor_lr"], r["seed"], r["status"]) for r in rows] == [
+        ("1e-4", "0", "done"),
+        ("1e-4", "1", "done"),
+        ("3e-4", "0", "done"),
+        ("3e-4", "1", "done"),
+    ]
+    assert all(r["train_steps"] == "2" and r["final_wm_loss"] for r in rows)
+
+    # Interrupted: the population resumes as a whole from population.pt.
+    doc = state(out)
+    doc["runs"][2]["status"] = "interrupted"
+    (out / "sweep.json").write_text(json.dumps(doc))
+    res = sweep(*args)
+    assert res.returncode == 0, res.stderr
+    assert "resume population_00 (4 runs as one population)" in res.stderr
+    assert all(r["status"] == "done" and r["attempts"] == 2 for r in runs(out).values())
+    assert "resumed" in (out / "logs" / "population_00.log").read_text()
 
 
 def _train_logged(run_dir):
