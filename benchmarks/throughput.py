@@ -10,6 +10,9 @@ With --population, each K measures the update of K agents in one process (engine
 B x T per member): agent-updates per second and the kernels one update runs per agent (ATen
 operators dispatched on the CPU, plus the kernels inductor generated when compiled; kernels
 launched on CUDA), the CPU-measurable figure that predicts a population's gain on a GPU.
+--separate P adds, per mode and shape, the alternative a population replaces: P single-agent
+processes at once, each with cores / P threads, the way `engine.sweep --parallel P` runs them
+(agent-updates/s summed over the processes).
 
 Each (mode, shape) runs in a fresh process, so compile caches and peak memory do not leak from
 one measurement into the next. Modes that cannot apply on this machine (graphs or Triton without
@@ -273,22 +276,27 @@ def _table(records: list[dict]) -> str:
         f"{'compile s':>9} {'peak MB':>8} {'kernels/agent':>13} {'x eager':>7}"
     )
     lines = [head, "-" * len(head)]
-    eager = {
-        (r["batch_size"], r["sequence_length"], r.get("population", 1)): r["ms_per_update"]
-        for r in records
-        if r["mode"] == "eager"
-    }
+
+    def key(r: dict) -> tuple:
+        k = r.get("population", 1)
+        return r["batch_size"], r["sequence_length"], k, r.get("separate_processes", 0)
+
+    eager = {key(r): r["ms_per_update"] for r in records if r["mode"] == "eager"}
     for r in records:
         k = r.get("population", 1)
-        shape = (r["batch_size"], r["sequence_length"], k)
+        shape = key(r)
         ratio = eager[shape] / r["ms_per_update"] if shape in eager else float("nan")
         per_agent = r.get("kernels_per_update", float("nan")) / k
+        n = r.get("separate_processes")
+        label = f"{n}x1" if n else str(k)  # P separate single-agent processes
         lines.append(
-            f"{r['mode']:<13} {shape[0]:>3}x{shape[1]:<3} {k:>3} {r['updates_per_sec']:>8.2f} "
+            f"{r['mode']:<13} {shape[0]:>3}x{shape[1]:<3} {label:>3} {r['updates_per_sec']:>8.2f} "
             f"{r.get('agent_updates_per_sec', r['updates_per_sec']):>11.2f} "
             f"{r['ms_per_update']:>8.1f} {r['compile_sec']:>9.1f} {r['peak_mem_mb']:>8.0f} "
             f"{per_agent:>13.0f} {ratio:>7.2f}"
         )
+    if any(r.get("separate_processes") for r in records):
+        lines.append("K: agents in one process; Px1: P single-agent processes at once (summed)")
     return "\n".join(lines)
 
 
@@ -311,6 +319,14 @@ def main(argv: list[str] | None = None) -> None:
         default="1",
         help="population sizes K to measure, e.g. 1,4,8,32: the update of K agents in one "
         "(B x T per member); K = 1 is the single agent",
+    )
+    p.add_argument(
+        "--separate",
+        type=int,
+        default=0,
+        metavar="P",
+        help="also measure P single-agent processes at once (cores / P threads each, as "
+        "engine.sweep --parallel P runs them): their summed agent-updates/s",
     )
     p.add_argument("--json", help="write the records here")
     p.add_argument(
@@ -364,8 +380,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: --population {args.population!r}: expected sizes like 1,4,8,32")
     if any(k < 1 for k in sizes):
         sys.exit(f"error: --population {args.population!r}: sizes must be >= 1")
-    records = []
-    for (b, t), k, mode in ((s, k, m) for s in shapes for k in sizes for m in modes):
+    if args.separate < 0:
+        sys.exit(f"error: --separate {args.separate}: must be >= 0")
+
+    def launch(mode: str, b: int, t: int, k: int, threads: int | None = None):
         cmd = [
             sys.executable,
             "-m",
@@ -382,20 +400,59 @@ def main(argv: list[str] | None = None) -> None:
         for item in args.overrides:
             cmd += ["--set", item]
         env = dict(os.environ)
+        if threads is not None:  # as engine.sweep --parallel sets it for its children
+            env["OMP_NUM_THREADS"] = str(threads)
         if not args.warm_cache:  # compile_sec is a cold compile unless asked otherwise
             env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            tail = out.stderr.strip().splitlines()[-1:] or ["(no output)"]
-            print(f"{mode} {b}x{t} K={k}: failed: {tail[0]}", file=sys.stderr)
-            continue
-        rec = json.loads(out.stdout.strip().splitlines()[-1])
-        records.append(rec)
-        print(
-            f"{mode} {b}x{t} K={k}: {rec['ms_per_update']:.1f} ms/update",
-            file=sys.stderr,
-            flush=True,
-        )
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)  # fmt: skip
+
+    def result(proc, what: str) -> dict | None:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            tail = err.strip().splitlines()[-1:] or ["(no output)"]
+            print(f"{what}: failed: {tail[0]}", file=sys.stderr)
+            return None
+        return json.loads(out.strip().splitlines()[-1])
+
+    records = []
+    for (b, t), mode in ((s, m) for s in shapes for m in modes):
+        for k in sizes:
+            rec = result(launch(mode, b, t, k), f"{mode} {b}x{t} K={k}")
+            if rec is None:
+                continue
+            records.append(rec)
+            print(
+                f"{mode} {b}x{t} K={k}: {rec['ms_per_update']:.1f} ms/update",
+                file=sys.stderr,
+                flush=True,
+            )
+        if args.separate:
+            n = args.separate
+            threads = max(1, (os.cpu_count() or 1) // n)
+            procs = [launch(mode, b, t, 1, threads) for _ in range(n)]
+            what = f"{mode} {b}x{t} {n} separate processes"
+            each = [result(proc, what) for proc in procs]
+            if any(r is None for r in each):
+                continue
+            rec = dict(
+                each[0],
+                population=1,
+                separate_processes=n,
+                threads_per_process=threads,
+                updates_per_sec=sum(r["updates_per_sec"] for r in each),
+                agent_updates_per_sec=sum(r["agent_updates_per_sec"] for r in each),
+                ms_per_update=sum(r["ms_per_update"] for r in each) / n,
+                compile_sec=max(r["compile_sec"] for r in each),
+                peak_mem_mb=sum(r["peak_mem_mb"] for r in each),
+                each=each,
+            )
+            records.append(rec)
+            print(
+                f"{what}: {rec['agent_updates_per_sec']:.2f} agent-updates/s together",
+                file=sys.stderr,
+                flush=True,
+            )
     print(_table(records))
     if args.json:
         import torch

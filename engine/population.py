@@ -129,8 +129,8 @@ class PopulationAgent:
     ):
         self.cfgs, self.size = cfgs, len(cfgs)
         self.opts = opts = opts or FastOptions()
-        if opts.kernels != "torch" or opts.batched_wgrad or opts.cuda_graphs:
-            raise ValueError("a population runs the torch kernels, without batched_wgrad/graphs")
+        if opts.kernels != "torch" or opts.batched_wgrad:
+            raise ValueError("a population runs the torch kernels, without batched_wgrad")
         self.device, self.num_actions = torch.device(device), num_actions
         cfg = self.cfg = cfgs[0]
         self.replay_context = cfg.train.replay_context
@@ -206,6 +206,12 @@ class PopulationAgent:
                 # sees a few shapes (training rows, acting envs, eval envs), one graph each.
                 call = torch.compile(call, dynamic=False)
             setattr(getattr(template, path), name, call)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every stacked parameter and buffer by name, the live tensors (not copies): what the
+        CUDA-graph capture of fast.Learner snapshots before its warm-up updates and restores in
+        place after them. A member's checkpoint is member_state(k)."""
+        return {**self.params, **self.buffers}
 
     def _group(self, prefix: str) -> list[Tensor]:
         return [
@@ -427,7 +433,7 @@ def write_population_tables(run_dir: Path, rows: list[dict], counters: dict) -> 
     cell = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [
         f"# Population: {len(rows)} members, {counters['step']:,} updates, "
-        f"{counters['env_steps']:,} env steps",
+        f"{counters['env_steps']:,} env steps per member",
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "---|" * len(keys),
@@ -456,13 +462,13 @@ def _write_text(path, write) -> None:
 def population_options(opts: FastOptions) -> tuple[FastOptions, list[str]]:
     """The fast-path switches a population runs with, and a notice naming each one dropped:
     the Triton kernels and batched weight gradients are custom autograd functions that vmap
-    cannot batch, and the CUDA-graph capture of a population update is not built yet."""
+    cannot batch. compile, bf16 and CUDA graphs apply (the population update has no host sync
+    and static shapes: fast.Learner captures it like a single agent's)."""
     dropped = [
         name
         for name, on in (
             ("general.kernels = triton", opts.kernels != "torch"),
             ("general.batched_wgrad", opts.batched_wgrad),
-            ("general.cuda_graphs", opts.cuda_graphs),
         )
         if on
     ]
@@ -472,7 +478,7 @@ def population_options(opts: FastOptions) -> tuple[FastOptions, list[str]]:
         f"notice: {', '.join(dropped)}: not yet for a population (its members run under "
         "vmap); running without"
     )
-    return FastOptions(opts.compile, False, opts.precision, "torch", False), [notice]
+    return FastOptions(opts.compile, opts.cuda_graphs, opts.precision, "torch", False), [notice]
 
 
 def member_dir_name(k: int) -> str:
@@ -594,11 +600,12 @@ class PopulationTrainer(Trainer):
         speed = dict(
             train_steps_per_sec=rate,
             agent_updates_per_sec=rate * self.members,
-            env_steps_per_sec=(c["env_steps"] - env0) / max(now - t0, 1e-9),
+            env_steps_per_sec=(c["env_steps"] - env0) / max(now - t0, 1e-9),  # per member
         )
         training = [m["status"] == "training" for m in self.member_counters]
+        total = dict(speed, env_steps_per_sec=speed["env_steps_per_sec"] * self.members)
         self._record("train", wall_time=self._wall_time(now), members_training=sum(training),
-                     **speed)  # fmt: skip
+                     **total)  # fmt: skip
         for k in range(self.members):
             if not training[k]:
                 continue

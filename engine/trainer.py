@@ -245,9 +245,11 @@ class Trainer:
                 with nvtx_range("collect"):
                     # The random policy until the replay holds bootstrap_steps (a fresh run).
                     self.collector.step(self.random_policy and c["env_steps"] < self.train_from)
-                c["env_steps"] += self.env.num_envs
+                # Counted per agent: a population's member steps env.num_envs of the K x N
+                # envs, so its train ratio, bootstrap and env-step limits are a single run's.
+                c["env_steps"] += self.cfg.env.num_envs
                 if self._ready():
-                    c["budget"] += self.env.num_envs * t.train_ratio / per_update
+                    c["budget"] += self.cfg.env.num_envs * t.train_ratio / per_update
                     while c["budget"] >= 1 and not self._done():
                         self._update()
                         c["budget"] -= 1

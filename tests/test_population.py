@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import dists
+from engine import dists, fast
 from engine.agent import Agent
 from engine.config import load_config, member_configs
 from engine.fast import FastOptions
@@ -228,6 +228,75 @@ def test_population_replay_samples_each_member_from_its_own_envs():
         Replay(64, 6, spec, torch.device("cpu"), members=4)
 
 
+def population_learner(members, device="cpu", opts=None):
+    """A population, a replay of 40 steps of K x 2 random envs, and its fast.Learner."""
+    opts = opts or FastOptions()
+    torch.manual_seed(0)
+    pop = PopulationAgent(members, 4, 2, device, opts)
+    spec = transition_spec(0, 4)
+    replay = Replay(64 * K, 2 * K, spec, torch.device(device), members=K)
+    data = make_batch(members[0], 2 * K, 40, seed=1)
+    for t in range(40):
+        replay.add({k: data[k][:, t].to(device) for k in spec})
+    t = members[0].train
+    return pop, fast.Learner(pop, replay, t.batch_size, t.sequence_length, opts)
+
+
+def test_the_population_update_has_no_host_sync(monkeypatch):
+    # What CUDA-graph capture needs, checked on any device: no value leaves the device.
+    _, members = population_config("env.image=false")
+    _, learner = population_learner(members)
+    learner.step(True)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync inside the population update")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    metrics = learner.step(True)
+    monkeypatch.undo()
+    assert metrics["wm_loss"].shape == (K,) and torch.isfinite(metrics["wm_loss"]).all()
+
+
+def test_capture_warm_up_updates_are_undone_in_place():
+    # fast.Learner runs real updates before capturing, then restores the state it snapshot
+    # into the very tensors the graph will read.
+    _, members = population_config("env.image=false")
+    pop, learner = population_learner(members)
+    live = pop.state_dict()
+    before = {n: v.detach().clone() for n, v in live.items()}
+    counts = [opt.count.clone() for opt in pop.optimizers().values()]
+    saved = fast._snapshot(pop)
+    learner.step(True)
+    assert not torch.equal(live["wm.prior_net.out.weight"], before["wm.prior_net.out.weight"])
+    fast._restore(pop, saved)
+    assert pop.state_dict()["wm.prior_net.out.weight"] is live["wm.prior_net.out.weight"]
+    for name, value in before.items():
+        assert torch.equal(live[name], value), name
+    for opt, count in zip(pop.optimizers().values(), counts):
+        assert torch.equal(opt.count, count)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_population_cuda_graph_matches_eager_and_never_syncs():
+    _, members = population_config("env.image=false", "train.adam_eps=1e-3")
+    pop, eager = population_learner(members, "cuda")
+    graphs = FastOptions(cuda_graphs=True)
+    pop2, graphed = population_learner(members, "cuda", graphs)
+    graphed.step(True)  # capture (its warm-up updates are undone)
+    torch.manual_seed(7)
+    want = eager.step(True)
+    torch.manual_seed(7)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = graphed.step(True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name in ("wm_loss", "image_loss", "reward_loss", "continue_loss"):
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 # ---- The command line ---------------------------------------------------------------------------
 
 
@@ -254,6 +323,14 @@ def test_run_trains_a_population_into_member_directories_and_resumes(tmp_path):
         assert cfg.train.actor_lr == [1e-4, 3e-4, 1e-3][k]
         assert lines(member / "metrics.jsonl", "train") and lines(member / "metrics.jsonl", "eval")
         assert (member / "checkpoints" / "latest.pt").is_file()
+    # Env steps are counted per member, so each member keeps a single run's train ratio and
+    # bootstrap: its updates fall at the env steps a single run's do.
+    alone = tmp_path / "alone"
+    one = run_module("engine.run", "--config", "configs/tiny.toml", "--run-dir", str(alone),
+                     "--set", "env.image=false", "--set", "train.max_train_steps=6")  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    steps = lambda d: [(r["step"], r["env_steps"]) for r in lines(d / "metrics.jsonl", "train")]  # noqa: E731
+    assert steps(run / "member_00") == steps(alone) != []
     csv_rows = (run / "population.csv").read_text().splitlines()
     assert csv_rows[0].startswith("member,seed,train.actor_lr,status") and len(csv_rows) == 4
     assert "last_eval:" in (run / "population.md").read_text()

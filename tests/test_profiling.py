@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from profiling import summarize
 
 
@@ -69,3 +71,24 @@ def test_throughput_benchmark_records(tmp_path):
     if not any(r["switches"]["cuda_graphs"] for r in graphs):  # a CPU machine says it dropped them
         assert all(r["dropped"] for r in graphs)
     assert "x eager" in out.stdout
+
+
+def test_throughput_benchmark_measures_populations_and_separate_processes(tmp_path):
+    out_json = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--config", "configs/tiny.toml"]
+    cmd += ["--modes", "eager", "--shapes", "config", "--updates", "2", "--population", "1,2"]
+    cmd += ["--separate", "2", "--json", str(out_json)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    recs = json.loads(out_json.read_text())["records"]
+    one, two, apart = recs
+    assert (one["population"], two["population"]) == (1, 2) and "separate_processes" not in two
+    assert two["agent_updates_per_sec"] == pytest.approx(2 * two["updates_per_sec"])
+    # One update of 2 agents dispatches far fewer than twice the operators of one agent's.
+    assert two["kernels_per_update"] < 1.5 * one["kernels_per_update"]
+    assert apart["separate_processes"] == 2 and len(apart["each"]) == 2
+    assert apart["agent_updates_per_sec"] == pytest.approx(
+        sum(r["agent_updates_per_sec"] for r in apart["each"])
+    )
+    assert all("1 threads" in r["device_name"] for r in apart["each"])
+    assert " 2x1 " in out.stdout and "Px1: P single-agent processes" in out.stdout
