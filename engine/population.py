@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import math
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -260,6 +261,8 @@ class PopulationAgent:
             out = mapped(self.params, self.buffers, *args)
             return tree_map(join, out)
 
+        return _own_code(call, f"{path}_{name}")
+
         call.__name__ = f"population_{name}"
         return call
 
@@ -410,6 +413,15 @@ class PopulationAgent:
             opt.count[k] = state["count"]
             for dst, src in zip(opt.m + opt.v, state["m"] + state["v"]):
                 dst[k].copy_(src)
+
+
+def _own_code(fn: Callable, name: str) -> Callable:
+    """`fn` with a code object of its own, named `name`. torch.compile caches its graphs per
+    code object, and every member call is the same `call` closure: sharing one code object, the
+    six calls at their three shapes (training rows, acting envs, eval envs) passed dynamo's
+    recompile limit of 8 in a training run, and the calls after that ran eagerly."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 def get_key(cfg: Config, key: str):
