@@ -10,9 +10,10 @@ With --population, each K measures the update of K agents in one process (engine
 B x T per member): agent-updates per second and the kernels one update runs per agent (ATen
 operators dispatched on the CPU, plus the kernels inductor generated when compiled; kernels
 launched on CUDA), the CPU-measurable figure that predicts a population's gain on a GPU.
---separate P adds, per mode and shape, the alternative a population replaces: P single-agent
-processes at once, each with cores / P threads, the way `engine.sweep --parallel P` runs them
-(agent-updates/s summed over the processes).
+--separate P adds, per mode, shape and K, P such processes at once, each with cores / P threads,
+the way `engine.sweep --parallel P` runs them (agent-updates/s summed over the processes): with
+K = 1 the separate runs a population replaces, with K > 1 `engine.sweep --population K
+--parallel P`.
 
 Each (mode, shape) runs in a fresh process, so compile caches and peak memory do not leak from
 one measurement into the next. Modes that cannot apply on this machine (graphs or Triton without
@@ -288,7 +289,7 @@ def _table(records: list[dict]) -> str:
         ratio = eager[shape] / r["ms_per_update"] if shape in eager else float("nan")
         per_agent = r.get("kernels_per_update", float("nan")) / k
         n = r.get("separate_processes")
-        label = f"{n}x1" if n else str(k)  # P separate single-agent processes
+        label = f"{n}x{k}" if n else str(k)  # P separate processes of K agents each
         lines.append(
             f"{r['mode']:<13} {shape[0]:>3}x{shape[1]:<3} {label:>3} {r['updates_per_sec']:>8.2f} "
             f"{r.get('agent_updates_per_sec', r['updates_per_sec']):>11.2f} "
@@ -296,7 +297,7 @@ def _table(records: list[dict]) -> str:
             f"{per_agent:>13.0f} {ratio:>7.2f}"
         )
     if any(r.get("separate_processes") for r in records):
-        lines.append("K: agents in one process; Px1: P single-agent processes at once (summed)")
+        lines.append("K: agents in one process; PxK: P such processes at once (summed)")
     return "\n".join(lines)
 
 
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         metavar="P",
-        help="also measure P single-agent processes at once (cores / P threads each, as "
+        help="also measure P processes of each K at once (cores / P threads each, as "
         "engine.sweep --parallel P runs them): their summed agent-updates/s",
     )
     p.add_argument("--json", help="write the records here")
@@ -427,17 +428,17 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
                 flush=True,
             )
-        if args.separate:
+        for k in sizes if args.separate else []:
             n = args.separate
             threads = max(1, (os.cpu_count() or 1) // n)
-            procs = [launch(mode, b, t, 1, threads) for _ in range(n)]
-            what = f"{mode} {b}x{t} {n} separate processes"
+            procs = [launch(mode, b, t, k, threads) for _ in range(n)]
+            what = f"{mode} {b}x{t} {n} separate processes of K={k}"
             each = [result(proc, what) for proc in procs]
             if any(r is None for r in each):
                 continue
             rec = dict(
                 each[0],
-                population=1,
+                population=k,
                 separate_processes=n,
                 threads_per_process=threads,
                 updates_per_sec=sum(r["updates_per_sec"] for r in each),

@@ -81,7 +81,7 @@ def test_throughput_benchmark_measures_populations_and_separate_processes(tmp_pa
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     recs = json.loads(out_json.read_text())["records"]
-    one, two, apart = recs
+    one, two, apart, apart_pops = recs
     assert (one["population"], two["population"]) == (1, 2) and "separate_processes" not in two
     assert two["agent_updates_per_sec"] == pytest.approx(2 * two["updates_per_sec"])
     # Operators per agent-update fall with K (measured on tiny: 4,675 for one agent, 8,728 for
@@ -92,4 +92,9 @@ def test_throughput_benchmark_measures_populations_and_separate_processes(tmp_pa
         sum(r["agent_updates_per_sec"] for r in apart["each"])
     )
     assert all("1 threads" in r["device_name"] for r in apart["each"])
-    assert " 2x1 " in out.stdout and "Px1: P single-agent processes" in out.stdout
+    # And two processes of a population of 2 (engine.sweep --population 2 --parallel 2).
+    assert (apart_pops["population"], apart_pops["separate_processes"]) == (2, 2)
+    assert apart_pops["agent_updates_per_sec"] == pytest.approx(
+        sum(2 * r["updates_per_sec"] for r in apart_pops["each"])
+    )
+    assert " 2x1 " in out.stdout and " 2x2 " in out.stdout and "PxK: P such" in out.stdout
