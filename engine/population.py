@@ -442,7 +442,12 @@ def write_population_tables(run_dir: Path, rows: list[dict], counters: dict) -> 
         w.writerows(rows)
 
     checkpoint.atomic_write(run_dir / "population.csv", lambda p: _write_text(p, write_csv))
-    cell = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def cell(v) -> str:  # returns to one decimal; settings (learning rates of 1e-4) to 4 digits
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.4g}"
+
     lines = [
         f"# Population: {len(rows)} members, {counters['step']:,} updates, "
         f"{counters['env_steps']:,} env steps per member",
