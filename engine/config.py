@@ -436,6 +436,19 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
         set_key(cfg, key, value, src)
 
 
+def get_key(cfg: Config, key: str) -> Any:
+    """The value of a dotted config key, e.g. get_key(cfg, "train.gamma")."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def plain_value(value: Any) -> Any:
+    """A setting as a config file (or JSON) holds it: a schedule as its table."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 def set_key(cfg: Config, key: str, value: Any, src: str) -> None:
     """Sets the dotted `key` to `value` (type-checked); a ConfigError naming `src` otherwise."""
     *parents, leaf = key.split(".")

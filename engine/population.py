@@ -50,7 +50,9 @@ from engine.config import (
     Schedule,
     actor_entropy_coef_at,
     effective_lrs,
+    get_key,
     member_configs,
+    plain_value,
     save_toml,
     set_key,
     to_dict,
@@ -164,7 +166,12 @@ class PopulationAgent:
         self.wm_params = self._group("wm.")
         self.actor_params = self._group("behavior.actor.")
         self.critic_params = self._group("behavior.critic.")
-        self.slow_params = [self.params[n] for n in self.param_names if ".slow_critic." in n]
+        # (slow critic tensor, the critic tensor it follows), paired once, not per update.
+        self.slow_pairs = [
+            (self.params[n], self.params[n.replace(".slow_critic.", ".critic.")])
+            for n in self.param_names
+            if ".slow_critic." in n
+        ]
         t = [c.train for c in cfgs]
         lrs = [effective_lrs(x) for x in t]
         common = dict(kind=cfg.train.optimizer, warmup=cfg.train.lr_warmup_steps)
@@ -330,11 +337,9 @@ class PopulationAgent:
 
     @torch.no_grad()
     def _update_slow_critic(self) -> None:
-        fast = [self.params[n.replace(".slow_critic.", ".critic.")] for n in self.param_names
-                if ".slow_critic." in n]  # fmt: skip
-        for slow, f in zip(self.slow_params, fast, strict=True):
-            rate = (self.slow_rate * self.active).view(-1, *([1] * (slow.dim() - 1)))
-            slow.lerp_(f, rate)
+        rate = self.slow_rate * self.active  # (K,): a frozen member's slow critic stays
+        for slow, fast in self.slow_pairs:
+            slow.lerp_(fast, rate.view(-1, *([1] * (slow.dim() - 1))))
 
     # ---- Acting -------------------------------------------------------------------------------
 
@@ -422,11 +427,6 @@ def _own_code(fn: Callable, name: str) -> Callable:
     recompile limit of 8 in a training run, and the calls after that ran eagerly."""
     code = fn.__code__.replace(co_name=name)
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-
-
-def get_key(cfg: Config, key: str):
-    """The value of a dotted config key, e.g. get_key(cfg, "train.gamma")."""
-    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def write_population_tables(run_dir: Path, rows: list[dict], counters: dict) -> None:
@@ -690,7 +690,7 @@ class PopulationTrainer(Trainer):
             self.agent.set_member_config(dst, member)  # also self.member_cfgs[dst]
             self.member_lrs[dst] = effective_lrs(member.train)
             save_toml(member, self.member_dirs[dst] / "config.toml")
-            settings = {key: _plain(get_key(member, key)) for key in self.cfg.population.grid}
+            settings = {key: plain_value(get_key(member, key)) for key in self.cfg.population.grid}
             self.member_counters[dst]["last_eval"] = math.nan  # ranked again once evaluated
             self._member_write(
                 dst,
@@ -883,11 +883,6 @@ def explore(
         except ConfigError:
             set_key(cfg, key, old, "population.pbt")
     return cfg
-
-
-def _plain(value):
-    """A setting as JSON can hold it (a schedule as its dict)."""
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 SINGLE_RUN_COUNTERS = ("episodes", "best_eval", "es_best", "es_best_step", "es_stale",

@@ -53,8 +53,10 @@ from engine.config import (
     ConfigError,
     add_set_option,
     apply_overrides,
+    get_key,
     load_config,
     member_configs,
+    plain_value,
     save_toml,
     to_dict,
     validate,
@@ -381,7 +383,7 @@ def pack(config: str, runs: list[RunSpec], size: int, base: Config) -> dict[str,
             grid = {SEED_KEY: [run.seed for run in chunk]}
             cfg = load_config(config, list(shared))
             for key in keys:
-                values = [_plain(_get(c, key)) for c in alone]
+                values = [plain_value(get_key(c, key)) for c in alone]
                 if key == SEED_KEY:
                     continue
                 if all(v == values[0] for v in values):
@@ -400,18 +402,6 @@ def pack(config: str, runs: list[RunSpec], size: int, base: Config) -> dict[str,
                 run.job, run.member = name, k
             packs[name] = cfg
     return packs
-
-
-def _get(cfg: Config, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def _plain(value: Any) -> Any:
-    """A setting as a config file holds it (a schedule as its table)."""
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 # --------------------------------------------------------------------------------------------
