@@ -13,17 +13,9 @@
 # Usage (device tool): carry .whl (tomli_w, gymnasium, ... py3.12 wheels) and run
 #   bash benchmarks/gpu_check.sh
 set -uo pipefail
-OUT=${OUT:-benchmarks/results/gpu_$(date +%F)}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/run.log") 2>&1
-source benchmarks/use_gpu_wheels.sh
-py=python3
-$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+source benchmarks/gpu_start.sh gpu
+$py -c "import triton; print('triton', triton.__version__)"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
-git rev-parse --short HEAD 2>/dev/null || true
-
-step() { echo; echo "=== $1 ($(date +%T))"; }
 
 step "GPU tests"
 timeout 200 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_kernel_block_gru.py \

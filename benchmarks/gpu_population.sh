@@ -12,16 +12,7 @@
 # Usage (device tool): carry the py3.12 wheels (benchmarks/fetch_gpu_wheels.sh) and run
 #   bash benchmarks/gpu_population.sh
 set -uo pipefail
-OUT=${OUT:-benchmarks/results/gpu_population_$(date +%F)}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/run.log") 2>&1
-source benchmarks/use_gpu_wheels.sh
-py=python3
-$py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-git rev-parse --short HEAD 2>/dev/null || true
-
-step() { echo; echo "=== $1 ($(date +%T))"; }
+source benchmarks/gpu_start.sh gpu_population
 
 step "population tests"
 timeout 150 $py -m pytest -q -p no:cacheprovider tests/test_population.py \

@@ -104,11 +104,13 @@ def measure(
     trace_dir: str | None = None,
     extra: list[str] = (),
     population: int = 1,
+    data_parallel: bool = False,
 ) -> dict:
     """One mode at one shape, in this process, with `extra` --set overrides. With `trace_dir`,
     five more updates are then recorded by torch.profiler into TRACE_DIR/trace_MODE_BxT.json
     (profiling/summarize.py). `population` K > 1: the update of K agents in one
-    (engine.population; B x T per member), K = 1 the single agent's."""
+    (engine.population; B x T per member), K = 1 the single agent's. `data_parallel` (under
+    torchrun): the update of engine.distributed, B x T per rank (benchmarks/distributed.py)."""
     import torch
 
     from engine import fast
@@ -137,9 +139,16 @@ def measure(
         members = member_configs(cfg)
         agent = PopulationAgent(members, vector_dim, num_actions, device, opts)
     else:
+        if data_parallel:
+            from engine import distributed
+
+            d = distributed.init(device.type)
+            device = d.device
         agent = Agent(cfg, vector_dim, num_actions, device, opts)
         if opts.compile:
             fast.compile_agent(agent)
+        if data_parallel:
+            d.attach(agent)
     steps = max(4 * length, 200)
     replay = synthetic_replay(cfg, device, num_actions, vector_dim, steps, population)
     learner = fast.Learner(agent, replay, batch, length, opts)
@@ -188,6 +197,7 @@ def measure(
         mode=mode,
         device_name=name,
         population=population,
+        data_parallel=data_parallel,
         batch_size=batch,
         sequence_length=length,
         updates=updates,

@@ -63,6 +63,8 @@ class Agent(nn.Module):
         # A device tensor, refilled in place by the trainer: a changing Python float would make
         # torch.compile recompile every update and be frozen into a captured CUDA graph.
         self.entropy_coef = torch.tensor(actor_entropy_coef_at(t, 0), device=self.device)
+        # Data-parallel training (engine.distributed) sets this to its gradient average.
+        self.grad_reduce = None
 
     def set_entropy_coef(self, value: float) -> None:
         """The actor's entropy coefficient for the next updates (no host sync)."""
@@ -91,7 +93,7 @@ class Agent(nn.Module):
         loss, metrics, (deter, stoch), batch = self.wm_forward(batch)
         if self.cfg.general.train_world_model:
             with nvtx_range("world_model/backward+optimizer"):
-                metrics["wm_grad_norm"] = self.wm_opt.step(loss)
+                metrics["wm_grad_norm"] = self.wm_opt.step(loss, self.grad_reduce)
         if train_behavior:
             actor_loss, critic_loss, beh = self.behavior_forward(
                 deter, stoch, batch, self.entropy_coef
@@ -100,7 +102,9 @@ class Agent(nn.Module):
             # The actor's loss does not depend on the critic's parameters nor the critic's on the
             # actor's, so the gradient of the sum w.r.t. each set is that set's own gradient.
             with nvtx_range("actor_critic/backward+optimizer"):
-                norms = step_together(actor_loss + critic_loss, [self.actor_opt, self.critic_opt])
+                norms = step_together(
+                    actor_loss + critic_loss, [self.actor_opt, self.critic_opt], self.grad_reduce
+                )
                 metrics["actor_grad_norm"], metrics["critic_grad_norm"] = norms
                 self.behavior.update_slow_critic()
         return metrics, (deter, stoch)

@@ -69,7 +69,11 @@ class ReturnNorm(nn.Module):
 
     Dividing by the range (not a std) keeps small returns unscaled, so the entropy bonus keeps the
     same meaning whether rewards are sparse or dense (DreamerV3, Hafner et al.).
-    init "first": the first batch sets the percentiles; "zero" (official): the EMA starts at 0."""
+    init "first": the first batch sets the percentiles; "zero" (official): the EMA starts at 0.
+    Data-parallel training sets `gather` to the all-gather over ranks, so the percentiles are
+    the global batch's on every rank."""
+
+    gather = None
 
     def __init__(self, rate: float, limit: float, init: str = "first", member: bool = False):
         super().__init__()
@@ -81,7 +85,10 @@ class ReturnNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, ret: Tensor) -> None:
-        q = dists.percentiles(ret.detach().float(), (0.05, 0.95))
+        ret = ret.detach().float()
+        if self.gather is not None:
+            ret = self.gather(ret)
+        q = dists.percentiles(ret, (0.05, 0.95))
         # The first batch sets the statistics directly: no host-side branch, so no sync.
         rate = torch.where(self.initialised, self.rate, 1.0)
         # Out-of-place lerp copied back: the same values, and under vmap (a population) the

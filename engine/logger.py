@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,10 @@ def truncate_metrics(path: Path, step: int) -> int:
 class Progress:
     """tqdm bar over learner steps on a TTY; silent otherwise."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
+    def __init__(self, total: int, initial: int, enabled: bool, lines: bool = True):
+        """`lines` False: silent altogether (a torchrun rank other than 0)."""
+        self.bar, self.lines = None, lines
+        if enabled and lines and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(
@@ -73,6 +75,8 @@ class Progress:
         self.bar.refresh()
 
     def write(self, text: str) -> None:
+        if not self.lines:
+            return
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         else:
@@ -81,3 +85,46 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file in the same folder, fsync, rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def fmt_value(v: Any) -> str:
+    """A table cell: '-' for none, 4 significant digits for a float."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

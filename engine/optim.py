@@ -64,10 +64,10 @@ class Optimizer:
             return self.lr
         return self.lr * torch.clamp(self.count / self.warmup, max=1.0)
 
-    def step(self, loss: Tensor) -> Tensor:
+    def step(self, loss: Tensor, reduce=None) -> Tensor:
         """Gradients of `loss`, clipping, update. Returns the gradient norm before clipping, as
-        a device tensor."""
-        return step_together(loss, [self])[0]
+        a device tensor. `reduce`: see step_together."""
+        return step_together(loss, [self], reduce)[0]
 
     def _apply(self, grads: list[Tensor]) -> Tensor:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
@@ -131,10 +131,12 @@ def agc_factors(params: list[Tensor], grads: list[Tensor], agc: float) -> Tensor
     return 1.0 / torch.clamp(gnorm / upper, min=1.0)
 
 
-def step_together(loss: Tensor, optimizers: list[Optimizer]) -> list[Tensor]:
+def step_together(loss: Tensor, optimizers: list[Optimizer], reduce=None) -> list[Tensor]:
     """One backward pass for several optimizers whose parameter sets do not interact in `loss`
     (actor + critic). Needed on the compiled path: one compiled graph computing both losses has
-    one backward, which a second autograd.grad call could not run again. Returns the norms."""
+    one backward, which a second autograd.grad call could not run again. `reduce` (data-parallel
+    training: engine.distributed's gradient average over ranks) maps the list of gradients to
+    the list the optimizers apply, before any norm or clip is taken. Returns the norms."""
     params = [p for opt in optimizers for p in opt.params]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     # The fused kernel walks parameters and gradients as flat memory: a gradient whose strides
@@ -145,6 +147,8 @@ def step_together(loss: Tensor, optimizers: list[Optimizer]) -> list[Tensor]:
         g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
         for p, g in zip(params, grads)
     ]
+    if reduce is not None:
+        grads = reduce(grads)
     norms, i = [], 0
     with torch.no_grad():
         for opt in optimizers:

@@ -1,7 +1,9 @@
 """Command line: `python -m engine.run --config configs/cartpole_d256.toml [--set KEY=VALUE ...]`.
 
 Config and input errors print one line and exit with status 2; a run stopped by a health check
-(diverged training) prints one line and exits with status 3; no traceback."""
+(diverged training) prints one line and exits with status 3; no traceback. Under torchrun
+(data-parallel, engine.distributed) rank 0 speaks for the job, and a rank whose peer is gone
+prints one line naming that rank and exits with status 4."""
 
 from __future__ import annotations
 
@@ -41,8 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+_QUIET = False  # a torchrun rank other than 0: rank 0 prints the job's errors
+
+
 def fail(message: str, status: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    if not _QUIET:
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
 
 
@@ -56,6 +62,37 @@ def default_run_dir(name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from engine import distributed
+
+    try:
+        _main(argv)
+    finally:
+        distributed.shutdown()
+
+
+def _start_distributed(cfg):
+    """Joins the torchrun job (None without torchrun); only rank 0 prints from here on."""
+    global _QUIET
+    from engine import distributed
+
+    if not distributed.launched():
+        return None
+    if cfg.population.size > 1:
+        fail(
+            "population.size > 1 under torchrun is not supported yet: run a population "
+            "without torchrun, or one agent per rank"
+        )
+    from engine.device import resolve_device
+
+    try:
+        d = distributed.init(resolve_device(cfg.general.device)[0].type)
+    except (RuntimeError, ValueError) as e:
+        fail(f"torch.distributed could not start: {str(e).strip().splitlines()[0]}")
+    _QUIET = d.rank != 0
+    return d
+
+
+def _main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"general.device={args.device}"] if args.device else [])
     overrides += [f'general.profile="{args.profile}"'] if args.profile else []
@@ -73,14 +110,20 @@ def main(argv: list[str] | None = None) -> None:
                         "(--population); a run resumes with its own members"
                     )
             cfg = load_config(run_dir / "config.toml", overrides)
+            dist = _start_distributed(cfg)
         else:
             cfg = load_config(args.config, overrides)
+            dist = _start_distributed(cfg)
             run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg.name)
-            if (run_dir / "metrics.jsonl").exists():
+            taken = (run_dir / "metrics.jsonl").exists()
+            if dist is not None:  # rank 0's choice and check, for every rank
+                run_dir, taken = dist.broadcast_object((run_dir, taken), "run directory")
+            if taken:
                 fail(f"{run_dir}: already holds a run; continue it with --resume {run_dir}")
     except ConfigError as e:
         fail(str(e))
     # Imported after the config is known good: torch and the envs take seconds to import.
+    from engine.distributed import PeerLost
     from engine.envs import EnvError
     from engine.trainer import HealthError, Trainer, TrainingError, require_tensorboard
 
@@ -99,17 +142,24 @@ def main(argv: list[str] | None = None) -> None:
             result = trainer.run()
         finally:
             trainer.close()
+    except PeerLost as e:
+        print(f"error: {e}; the last checkpoint in {saved.parent} is intact", file=sys.stderr)
+        sys.exit(4)
     except HealthError as e:
         fail(str(e), status=3)
     except (EnvError, TrainingError) as e:
         fail(str(e))
     except KeyboardInterrupt:
+        if _QUIET:
+            sys.exit(130)
         print(
             f"\ninterrupted: checkpoint written to {saved}; "
             f"continue with: python -m engine.run --resume {run_dir}",
             file=sys.stderr,
         )
         sys.exit(130)
+    if _QUIET:
+        return
     mb = result["checkpoint_bytes"] / 1e6
     early = f" ({result['stop_kind']})" if result["stop_reason"] else ""
     k = cfg.population.size

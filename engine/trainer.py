@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine import checkpoint, fast
+from engine import checkpoint, distributed, fast
 from engine.agent import Agent
 from engine.collect import Collector
 from engine.config import (
@@ -30,7 +30,7 @@ from engine.config import (
 )
 from engine.device import free_memory, resolve_device, thread_summary
 from engine.envs import make_env
-from engine.episodes import episode_ends
+from engine.episodes import Episodes, episode_ends
 from engine.evaluation import Evaluator, dream_unavailable
 from engine.health import early_stop_reason, short, solved_reason, unhealthy
 from engine.logger import MetricsLog, Progress, truncate_metrics
@@ -74,17 +74,27 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
+        # Data-parallel training under torchrun (engine.distributed): this rank's share.
+        self.dist = distributed.current()
+        self.rank, self.world = (self.dist.rank, self.dist.world) if self.dist else (0, 1)
+        self.is_main = self.rank == 0
+        if resume:
+            self._check_world_size(run_dir / "checkpoints" / "latest.pt")
         # Optional packages first: a missing one fails before anything is built or written.
         writer_cls = require_tensorboard() if cfg.log.tensorboard else None
         if cfg.log.dream_video and (why := dream_unavailable()):
             raise TrainingError(why)
         self.device, notice = resolve_device(cfg.general.device)
+        if self.dist is not None and self.device.type == "cuda":
+            self.device = self.dist.device  # one GPU per rank
         if cfg.general.threads:
             torch.set_num_threads(cfg.general.threads)
-        self.progress = Progress(cfg.train.max_train_steps, 0, cfg.log.progress)
+        # Other ranks than 0 stay silent (their lines would repeat rank 0's).
+        self.progress = Progress(cfg.train.max_train_steps, 0, cfg.log.progress, self.is_main)
         if notice:
             self.progress.write(notice)
-        seed = cfg.general.seed
+        # Each rank steps other envs and samples other batches; rank 0's weights are broadcast.
+        seed = cfg.general.seed + self.rank * distributed.SEED_STRIDE
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -104,7 +114,10 @@ class Trainer:
         for line in notices:
             self.progress.write(line)
         self.agent = self._make_agent()
-        capacity, spec = cfg.train.replay_buffer_size * k, self._replay_spec()
+        if self.dist is not None:
+            self.dist.attach(self.agent)
+        # Under torchrun each rank holds a shard of the replay: replay_buffer_size / world.
+        capacity, spec = self._shard_size() * k, self._replay_spec()
         self._check_replay_memory(capacity, spec)
         self.replay = Replay(capacity, e.num_envs * k, spec, self.device, members=k)
         t = cfg.train
@@ -117,13 +130,15 @@ class Trainer:
         # Early-stop state, checkpointed with the counters so a resumed search run keeps it.
         self.counters.update(es_best=math.inf, es_best_step=0, es_stale=0)
         self.counters.update(solved_streak=0)  # evaluations in a row at the solved return
+        self._all_ready = False  # every rank's replay is ready (data-parallel training)
+        self._stop_requested = False  # SIGINT / SIGTERM under torchrun, acted on by all ranks
         self.saved_step: dict[str, int] = {}  # checkpoint name -> step it holds
         self.ckpt_dir = run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._restore()
             self.saved_step["latest"] = self.counters["step"]
-        else:
+        elif self.is_main:
             save_toml(cfg, run_dir / "config.toml")
         # Training (re)starts once the replay holds bootstrap_steps: random-policy data on a fresh
         # run; on resume it is refilled with the loaded policy, unless the checkpointed replay
@@ -131,12 +146,12 @@ class Trainer:
         c = self.counters
         restored = resume and self._restore_replay()
         self.random_policy = c["step"] == 0
-        fill = min(cfg.train.bootstrap_steps, cfg.train.replay_buffer_size)
+        fill = min(cfg.train.bootstrap_steps, cfg.train.replay_buffer_size)  # env steps, all ranks
         # A restored replay holds every env step so far (up to its capacity): a run stopped
         # during its random bootstrap only completes it.
         self.train_from = max(c["env_steps"], fill) if restored else c["env_steps"] + fill
         self.episodes_at_start = 0 if restored else c["episodes"]  # for min_buffer_episodes
-        self.log = MetricsLog(run_dir / "metrics.jsonl")
+        self.log = MetricsLog(run_dir / "metrics.jsonl") if self.is_main else NullLog()
         # Acting in the training envs; its RNG draws the random bootstrap policy's actions.
         self.collector = Collector(
             self.agent,
@@ -168,11 +183,12 @@ class Trainer:
         self.stop_reason: str | None = None
         self.stop_kind = ""  # "early stop" or "solved", with stop_reason
         self.tb = None
-        if writer_cls is not None:
+        if writer_cls is not None and self.is_main:
             # On resume, events past the checkpoint (logged, then lost with the run) are hidden.
             purge = c["step"] + 1 if resume else None
             self.tb = writer_cls(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         self.dreams = cfg.log.dream_video and cfg.env.image and cfg.log.eval_every > 0
+        self.dreams = self.dreams and self.is_main
         if cfg.log.dream_video and not self.dreams:
             why = "env.image = false" if not cfg.env.image else "log.eval_every = 0"
             self.progress.write(f"note: log.dream_video: no dream videos with {why}")
@@ -189,8 +205,10 @@ class Trainer:
         """Says what the replay will take and, before it is allocated, refuses one that would
         not fit in the device's free memory (a population's is K times a member's)."""
         need, free = replay_bytes(spec, capacity), free_memory(self.device)
-        k, per = self.members, self.cfg.train.replay_buffer_size
+        k, per = self.members, self._shard_size()
         what = f"{k} members x {per:,} steps" if k > 1 else f"{per:,} steps"
+        if self.world > 1:
+            what += f" (this rank's shard of {self.cfg.train.replay_buffer_size:,})"
         where = f"{self.device.type}, {free / 1e9:.1f} GB free" if free else self.device.type
         self.progress.write(f"replay: {what} = {need / 1e9:.2f} GB on the device ({where})")
         if free and need > 0.9 * free:
@@ -201,6 +219,10 @@ class Trainer:
                 f"{per:,}) but the {self.device.type} has {free / 1e9:.1f} GB free: lower "
                 f"train.replay_buffer_size{lower}"
             )
+
+    def _shard_size(self) -> int:
+        """The replay steps this rank holds."""
+        return max(1, self.cfg.train.replay_buffer_size // self.world)
 
     def _replay_spec(self):
         cfg = self.cfg
@@ -239,7 +261,7 @@ class Trainer:
         self.collector.start(t.async_collection)
         start = self._started = time.perf_counter()
         self._interval = (start, c["step"], c["env_steps"])
-        previous = _install_sigterm()
+        previous = _install_sigterm() if self.dist is None else self._install_stop_flag()
         try:
             while not self._done():
                 with nvtx_range("collect"):
@@ -247,7 +269,8 @@ class Trainer:
                     self.collector.step(self.random_policy and c["env_steps"] < self.train_from)
                 # Counted per agent: a population's member steps env.num_envs of the K x N
                 # envs, so its train ratio, bootstrap and env-step limits are a single run's.
-                c["env_steps"] += self.cfg.env.num_envs
+                # Under torchrun every rank's envs count: env steps are the job's.
+                c["env_steps"] += self.cfg.env.num_envs * self.world
                 if self._ready():
                     c["budget"] += self.cfg.env.num_envs * t.train_ratio / per_update
                     while c["budget"] >= 1 and not self._done():
@@ -266,9 +289,9 @@ class Trainer:
             raise
         finally:
             self.collector.stop()  # the env step in flight finishes (or raises) first
-            if previous is not None:
+            for sig, handler in _as_list(previous):
                 try:
-                    signal.signal(signal.SIGTERM, previous)
+                    signal.signal(sig, handler)
                 except ValueError:
                     pass
         self._end_segment()
@@ -288,6 +311,27 @@ class Trainer:
             stop_kind=self.stop_kind,
         )
 
+    def _install_stop_flag(self):
+        """Under torchrun, SIGINT and SIGTERM (Ctrl-C, or the launcher stopping the job) ask
+        for a stop that every rank makes at the same loop step (_done): no rank is left waiting
+        in a collective, and rank 0 writes the checkpoint of a finished update."""
+
+        def handler(signum, frame):
+            self._stop_requested = True
+
+        previous = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous.append((sig, signal.signal(sig, handler)))
+            except ValueError:
+                pass
+        return previous
+
+    def _gathered(self, x) -> np.ndarray:
+        """Every rank's copy of the per-episode array `x`, in rank order."""
+        rows = self.dist.gather_rows(torch.as_tensor(np.asarray(x, dtype=np.float64)))
+        return rows.numpy().astype(np.asarray(x).dtype)
+
     def _wall_time(self, now: float | None = None) -> float:
         """Training seconds so far: the earlier segments (before a resume) plus this one."""
         if self._started is None:
@@ -301,6 +345,13 @@ class Trainer:
 
     def _done(self) -> bool:
         c, t = self.counters, self.cfg.train
+        if self.dist is not None:
+            # One collective per loop step: the ranks agree on a stop request (a signal reaches
+            # each rank at its own moment) and on when every replay is ready to train from.
+            ready = self._all_ready or self._local_ready()
+            self._all_ready, stop = self.dist.agree(ready, self._stop_requested)
+            if stop:
+                raise KeyboardInterrupt
         return (
             c["step"] >= t.max_train_steps
             or 0 < t.max_env_steps <= c["env_steps"]
@@ -308,6 +359,11 @@ class Trainer:
         )
 
     def _ready(self) -> bool:
+        if self.dist is not None:
+            return self._all_ready  # agreed in _done, before this loop step
+        return self._local_ready()
+
+    def _local_ready(self) -> bool:
         c, t = self.counters, self.cfg.train
         return (
             c["env_steps"] >= self.train_from
@@ -371,6 +427,8 @@ class Trainer:
         over in a single transfer."""
         keys = list(self._acc)
         values = torch.stack([self._acc[k][0] / self._acc[k][1] for k in keys]).cpu().tolist()
+        if self.dist is not None:  # the means over ranks: every rank's checks see the same
+            values = self.dist.mean(values)
         return dict(zip(keys, values))
 
     def _log_train(self) -> None:
@@ -444,6 +502,8 @@ class Trainer:
         c = self.counters
         # With dream videos, the first eval env's first episode is recorded for a dream.
         episodes, clip = self.evaluator.play(record=self.dreams)
+        if self.dist is not None:  # every rank's episodes: the same record on every rank
+            episodes = Episodes(*(self._gathered(x) for x in episodes))
         returns, lengths = episodes.returns, episodes.lengths
         self.last_eval = float(returns.mean())
         # LunarLander: eval_rest, eval_crash, eval_time_limit; other tasks: eval_time_limit.
@@ -489,8 +549,11 @@ class Trainer:
             counters=dict(self.counters, wall_time=self._wall_time()),
             rng=checkpoint.rng_state(),
             config=to_dict(self.cfg),
+            world_size=self.world,
         )
-        size = checkpoint.save(self.ckpt_dir / f"{name}.pt", payload)
+        path = self.ckpt_dir / f"{name}.pt"
+        # Under torchrun the weights are the same on every rank: rank 0 writes them.
+        size = checkpoint.save(path, payload) if self.is_main else 0
         self.saved_step[name] = self.counters["step"]
         return size
 
@@ -501,7 +564,28 @@ class Trainer:
         if self.cfg.log.checkpoint_replay:
             c = self.counters
             replay = dict(step=c["step"], env_steps=c["env_steps"], **self.replay.state_dict())
-            checkpoint.save(self.ckpt_dir / "replay.pt", replay)
+            checkpoint.save(self._replay_path(), replay)
+
+    def _replay_path(self) -> Path:
+        """replay.pt; under torchrun, rank r > 0 keeps its shard in replay.rank<r>.pt."""
+        return self.ckpt_dir / ("replay.pt" if self.rank == 0 else f"replay.rank{self.rank}.pt")
+
+    def _check_world_size(self, path: Path) -> None:
+        """A checkpoint resumes with the world size that wrote it (each rank's replay shard and
+        envs belong to its rank): checked before anything is built."""
+        if not path.is_file():
+            return  # _restore says so
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception:
+            return  # _restore reports an unreadable checkpoint
+        saved = state.get("world_size", 1)
+        if saved != self.world:
+            how = f"torchrun --nproc_per_node {saved}" if saved > 1 else "one process (no torchrun)"
+            raise TrainingError(
+                f"{path}: written by a job of {saved} rank(s), this one has {self.world}: "
+                f"resume it with {how}"
+            )
 
     def _restore(self) -> None:
         path = self.ckpt_dir / "latest.pt"
@@ -520,6 +604,12 @@ class Trainer:
         # The learning rates come from the config, so --set can change them on resume.
         self.counters.update(state["counters"])
         checkpoint.set_rng_state(state["rng"])
+        if not self.is_main:
+            # The checkpoint holds rank 0's random state: the others draw new streams.
+            torch.manual_seed(
+                self.cfg.general.seed + self.rank * distributed.SEED_STRIDE + self.counters["step"]
+            )
+            return
         save_toml(self.cfg, self.run_dir / "config.toml")
         dropped = truncate_metrics(self.run_dir / "metrics.jsonl", self.counters["step"])
         self.progress.write(
@@ -532,7 +622,7 @@ class Trainer:
         file was written with the checkpoint just loaded; otherwise says why it refills."""
         if not self.cfg.log.checkpoint_replay:
             return False
-        path, c = self.ckpt_dir / "replay.pt", self.counters
+        path, c = self._replay_path(), self.counters
         why = None
         if not path.is_file():
             why = f"no {path.name} beside the checkpoint"
@@ -567,12 +657,27 @@ class Trainer:
 
 
 def _install_sigterm():
-    """SIGTERM ends the run like Ctrl-C: a final checkpoint is written before exiting."""
+    """SIGTERM ends the run like Ctrl-C: a final checkpoint is written before exiting. Returns
+    the handlers to put back, as (signal, handler) pairs."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        return [(signal.SIGTERM, signal.signal(signal.SIGTERM, handler))]
     except ValueError:  # not the main thread: leave signals alone
-        return signal.getsignal(signal.SIGTERM)
+        return []
+
+
+def _as_list(previous) -> list:
+    return previous or []
+
+
+class NullLog:
+    """metrics.jsonl of a rank other than 0: rank 0 writes the job's."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
