@@ -13,6 +13,9 @@ tabulate the losses and returns of every run and the mean +- std over seeds of e
 into population processes of up to K members (engine.population): one process and one update
 for K runs; each run's name links to its member's directory, so the tables read it unchanged.
 
+`--backend optuna` (an Optuna study whose workers share a journal file) and `--backend submitit`
+(a SLURM job array) hand the scheduling to those libraries: engine/search.py.
+
 Input errors (a bad key or value in any combination, a sweep directory that holds another sweep)
 print one line and exit 2 before any run starts. Ctrl-C/SIGTERM stops the running children with
 SIGTERM (each writes its checkpoint) and exits 130; a failed run makes the exit status 1.
@@ -61,6 +64,10 @@ from engine.config import (
     to_dict,
     validate,
 )
+from engine.logger import fmt_value as _fmt
+from engine.logger import md_table as _md_table
+from engine.logger import read_metrics as _read_metrics
+from engine.logger import write_text_atomic as write_atomic
 from engine.report import SUMMARY_LOSSES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -455,19 +462,6 @@ def _now() -> str:
     return datetime.now().isoformat(timespec="milliseconds")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_state(out: Path, state: SweepState) -> None:
     doc = dict(
         **state.identity,
@@ -548,21 +542,6 @@ def _pump(stream: IO[bytes], log: IO[bytes], last: list[str]) -> None:
             text = line.decode(errors="replace").strip()
             if text:
                 last[0] = text
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut off by a kill
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 STOP_RECORDS = {"early_stop": "early stop", "solved": "solved"}  # record type -> status words
@@ -873,26 +852,12 @@ def _task(run_dir: Path, rec: RunRecord) -> str | None:
         return None
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
     if len(values) == 1:
         return _fmt(values[0])
     return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.3g}"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def summarize(out: Path, state: SweepState) -> tuple[str, str]:
@@ -1016,6 +981,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="train.max_train_steps of every run")
     p.add_argument("--out", help="sweep directory (default sweeps/<config stem>_<date-time>)")
     add_set_option(p, "a fixed override for every run (repeatable)")
+    p.add_argument(
+        "--backend",
+        choices=("local", "optuna", "submitit"),
+        default="local",
+        help="local (default): this process runs the runs; optuna: a worker of an Optuna study "
+        "(engine.search); submitit: the runs as a SLURM job array",
+    )
+    p.add_argument("--search", metavar="TOML", help="optuna: the search space and study settings")
+    p.add_argument("--trials", type=int, help="optuna: trials in the study, all workers together")
+    p.add_argument(
+        "--storage",
+        help="optuna: an RDB URL (sqlite:///x.db, postgresql://...) or a journal file "
+        "(default OUT/journal.log)",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=("slurm", "local", "debug"),
+        help="submitit: where the job array runs (default: SLURM when sbatch is found, else "
+        "local processes)",
+    )
+    p.add_argument("--timeout-min", type=int, default=24 * 60, help="submitit: per job")
+    p.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="submitit: a job parameter, e.g. slurm_partition=gpu, gpus_per_node=1 (repeatable)",
+    )
     return p.parse_args(argv)
 
 
@@ -1035,6 +1028,13 @@ def sweep(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parallel < 1:
         raise SweepError(f"--parallel {args.parallel}: must be >= 1")
+    optuna_only = dict(search=args.search, trials=args.trials, storage=args.storage)
+    if args.backend != "optuna" and (given := [k for k, v in optuna_only.items() if v]):
+        raise SweepError(f"--{given[0]} belongs to --backend optuna")
+    if args.backend != "submitit" and (args.cluster or args.slurm):
+        raise SweepError("--cluster and --slurm belong to --backend submitit")
+    if args.backend != "local" and (args.population > 1 or args.arm):
+        raise SweepError(f"--backend {args.backend}: --population and --arm are local-only")
     plan = build_plan(
         args.config,
         args.grid,
@@ -1046,11 +1046,23 @@ def sweep(argv: list[str] | None = None) -> int:
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("sweeps") / f"{Path(args.config).stem}_{stamp}"
+    if args.backend == "optuna":  # workers share the directory: the study keeps the state
+        from engine import search
+
+        fixed = list(args.overrides) + (
+            [f"{STEPS_KEY}={args.max_steps}"] if args.max_steps is not None else []
+        )
+        return search.optuna_search(args, args.config, fixed, plan.grid, args.seeds, out)
     open_sweep(out, plan)  # refuses a foreign directory before touching it
     lock = _lock(out)
     try:
         state = open_sweep(out, plan)  # again, now that no other sweep process can write it
-        code = Sweeper(out, plan, state, args.parallel).run()
+        if args.backend == "submitit":
+            from engine import search
+
+            code = search.submitit_sweep(args, plan, out, state, save_state)
+        else:
+            code = Sweeper(out, plan, state, args.parallel).run()
         print(write_summary(out, state), end="")
     finally:
         lock.close()
@@ -1058,9 +1070,11 @@ def sweep(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from engine.search import SearchError
+
     try:
         code = sweep(argv)
-    except SweepError as e:
+    except (SweepError, SearchError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before the runs started (e.g. while validating)
