@@ -68,13 +68,16 @@ def test_two_optuna_workers_share_one_study_of_8_trials(tmp_path):
 
 def test_optuna_grid_and_seeds_become_a_grid_sampler(tmp_path):
     out = tmp_path / "grid"
-    p = sweep("--backend", "optuna", "--grid", "train.actor_lr=1e-4,3e-4", "--seeds", "2",
-              "--max-steps", "6", "--out", str(out))  # fmt: skip
-    stdout, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-2000:]
+    args = ["--backend", "optuna", "--grid", "train.actor_lr=1e-4,3e-4", "--seeds", "2",
+            "--max-steps", "6", "--out", str(out)]  # fmt: skip
+    for p in [sweep(*args) for _ in range(2)]:  # two workers split the grid
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-2000:]
     trials = study_of(out).get_trials()
-    combos = {(t.params["train.actor_lr"], t.params["general.seed"]) for t in trials}
-    assert combos == {(lr, s) for lr in ("1e-4", "3e-4") for s in ("0", "1")}
+    combos = [(t.params["train.actor_lr"], t.params["general.seed"]) for t in trials]
+    assert len(combos) == 4 and set(combos) == {
+        (lr, s) for lr in ("1e-4", "3e-4") for s in ("0", "1")
+    }
 
 
 def test_submitit_runs_the_grid_as_a_local_job_array(tmp_path):
