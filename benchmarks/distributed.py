@@ -4,7 +4,8 @@ with gradients averaged over ranks, in the same processes, under torchrun:
     torchrun --standalone --nproc_per_node 1 -m benchmarks.distributed \\
         --config configs/cartpole_d256.toml --modes eager --updates 20
 
-With one rank this is what the distributed path costs on top of the plain update (the
+The two are measured in turn, twice each (plain, data-parallel, data-parallel, plain: a steady
+drift cancels), and averaged. With one rank this is what the distributed path costs on top of the plain update (the
 all-reduce of a world of 1, the all-gather of the return normaliser, the flat gradient buffer).
 With N ranks each rank updates on its own B x T, so the job trains on N x B x T per update:
 agent-updates/s stays one per update, replayed steps/s grows N-fold. Rank 0 prints the table and
@@ -48,15 +49,19 @@ def main(argv: list[str] | None = None) -> None:
         b, t = (int(x) for x in args.shape.split("x"))
     records = []
     for mode in modes:
-        # Plain first, on every rank at once (no collectives), then the data-parallel update.
-        plain = measure(args.config, mode, b, t, args.updates, extra=args.overrides)
-        dp = measure(args.config, mode, b, t, args.updates, extra=args.overrides,
-                     data_parallel=True)  # fmt: skip
+        # In turn, plain / data-parallel / data-parallel / plain, so that what the order changes
+        # (warm-up, allocator, caches, a drift over time) falls on both alike: each figure is the
+        # mean of its two measurements. Plain runs on every rank at once, with no collectives.
+        runs = {False: [], True: []}
+        for dp in (False, True, True, False):
+            runs[dp].append(measure(args.config, mode, b, t, args.updates, extra=args.overrides,
+                                    data_parallel=dp))  # fmt: skip
+        ms = {dp: sum(r["ms_per_update"] for r in rs) / len(rs) for dp, rs in runs.items()}
         d = distributed.current()
         records.append(dict(
             mode=mode, world_size=d.world, backend=d.backend, batch_per_rank=b,
-            sequence_length=t, plain=plain, data_parallel=dp,
-            overhead=dp["ms_per_update"] / plain["ms_per_update"] - 1,
+            sequence_length=t, plain_ms=ms[False], data_parallel_ms=ms[True],
+            plain=runs[False], data_parallel=runs[True], overhead=ms[True] / ms[False] - 1,
         ))  # fmt: skip
     d = distributed.current()
     if d.rank == 0:
@@ -64,12 +69,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{'overhead':>10}")  # fmt: skip
         for r in records:
             print(f"{r['mode']:<12}{r['world_size']:>6}{f'{b}x{t}':>12}"
-                  f"{r['plain']['ms_per_update']:>10.1f}{r['data_parallel']['ms_per_update']:>10.1f}"
+                  f"{r['plain_ms']:>10.1f}{r['data_parallel_ms']:>10.1f}"
                   f"{100 * r['overhead']:>9.1f}%")  # fmt: skip
         if args.json:
             import time
 
-            name = records[0]["plain"]["device_name"] if records else None
+            name = records[0]["plain"][0]["device_name"] if records else None
             meta = dict(config=args.config, overrides=args.overrides, commit=_commit(),
                         date=time.strftime("%Y-%m-%d %H:%M:%S"), device_name=name)  # fmt: skip
             with open(args.json, "w") as f:
