@@ -5,8 +5,9 @@ with gradients averaged over ranks, in the same processes, under torchrun:
         --config configs/cartpole_d256.toml --modes eager --updates 20
 
 The two are measured in turn, twice each (plain, data-parallel, data-parallel, plain: a steady
-drift cancels), and averaged. With one rank this is what the distributed path costs on top of the plain update (the
-all-reduce of a world of 1, the all-gather of the return normaliser, the flat gradient buffer).
+drift cancels), and averaged. With one rank this is what the distributed path costs on top of
+the plain update (the all-reduce of a world of 1, the all-gather of the return normaliser, the
+flat gradient buffer).
 With N ranks each rank updates on its own B x T, so the job trains on N x B x T per update:
 agent-updates/s stays one per update, replayed steps/s grows N-fold. Rank 0 prints the table and
 writes --json. On CUDA use one GPU per rank (NCCL); on the CPU gloo."""
