@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # A rank waits this long for the others at a collective before giving up (a live but stuck
 # peer; a dead one fails the collective at once). Rank 0 writing a large replay checkpoint or
 # every rank evaluating long episodes stays well inside it.
@@ -64,11 +63,10 @@ class Distributed:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
         self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
         self._where: dict[int, str] = {}
+        # One flat gradient buffer per gradient list (world model; actor + critic), made at the
+        # first update and reused: no allocation per update, the same memory under a CUDA graph.
+        self._flat: dict[tuple, tuple[Tensor, list[Tensor]]] = {}
         self._register()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     # ---- Failure reporting ------------------------------------------------------------------
 
@@ -135,15 +133,17 @@ class Distributed:
     def average_grads(self, grads: list[Tensor]) -> list[Tensor]:
         """The mean of every rank's gradients, in one all-reduce of a flat buffer (the same
         collective on every device; on CUDA it is captured inside the update's graph)."""
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        key = tuple((tuple(g.shape), g.dtype, g.device) for g in grads)
+        if key not in self._flat:
+            flat = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype,
+                               device=grads[0].device)  # fmt: skip
+            parts = flat.split([g.numel() for g in grads])
+            self._flat[key] = (flat, [part.view(g.shape) for part, g in zip(parts, grads)])
+        flat, views = self._flat[key]
+        torch._foreach_copy_(views, grads)
         self._call("gradient all-reduce", dist.all_reduce, flat)
         flat.div_(self.world)
-        out, i = [], 0
-        for g in grads:
-            n = g.numel()
-            out.append(flat[i : i + n].view(g.shape))
-            i += n
-        return out
+        return views
 
     @torch.compiler.disable
     def gather(self, x: Tensor) -> Tensor:
@@ -161,16 +161,6 @@ class Distributed:
         t = torch.tensor([int(bool(ready)), int(not stop)], dtype=torch.int32)
         self._call("loop-step agreement", dist.all_reduce, t, op=dist.ReduceOp.MIN)
         return bool(t[0]), not bool(t[1])
-
-    def all_true(self, flag: bool, what: str = "start check") -> bool:
-        t = torch.tensor([int(bool(flag))], dtype=torch.int32)
-        self._call(what, dist.all_reduce, t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-
-    def any_true(self, flag: bool, what: str = "stop check") -> bool:
-        t = torch.tensor([int(bool(flag))], dtype=torch.int32)
-        self._call(what, dist.all_reduce, t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
 
     def mean(self, values: list[float], what: str = "metric reduction") -> list[float]:
         """The mean over ranks of each value (a NaN on any rank is a NaN on every rank)."""
@@ -190,9 +180,6 @@ class Distributed:
         box = [obj]
         self._call(what, dist.broadcast_object_list, box, 0)
         return box[0]
-
-    def barrier(self, what: str = "barrier") -> None:
-        self._call(what, dist.barrier)
 
     def close(self) -> None:
         if dist.is_initialized():

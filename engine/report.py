@@ -58,6 +58,8 @@ BEHAVIOR_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("dream_reward", ("dream_reward",)),
     ("dream_cont", ("dream_cont",)),
 )
+# Metrics where more is better (a summary's best is their maximum; for every other, the minimum).
+MAX_IS_BEST = ("dream_value", "dream_return", "eval_return")
 # The train-record metrics that summaries tabulate (here and in engine.sweep): the losses the
 # archive's tables tracked.
 SUMMARY_LOSSES = (

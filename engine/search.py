@@ -38,7 +38,6 @@ from engine.config import ConfigError, apply_overrides, load_config
 from engine.logger import fmt_value
 
 POLL_S = 2.0  # how often a worker reads its trial's metrics.jsonl for new evaluations
-MAXIMIZE = ("eval_return", "dream_value", "dream_return")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "percentile", "none")
 
@@ -113,10 +112,11 @@ def suggest(trial, space: dict[str, dict], grid: list[tuple[str, list[str]]]) ->
     for key, spec in space.items():
         if "choices" in spec:
             value = trial.suggest_categorical(key, spec["choices"])
-        elif all(isinstance(spec[k], int) for k in ("low", "high")) and not spec.get("log"):
-            value = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1))
         elif all(isinstance(spec[k], int) for k in ("low", "high")):
-            value = trial.suggest_int(key, spec["low"], spec["high"], log=True)
+            log = spec.get("log", False)
+            value = trial.suggest_int(
+                key, spec["low"], spec["high"], step=spec.get("step", 1), log=log
+            )
         else:
             value = trial.suggest_float(
                 key, spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step")
@@ -180,7 +180,9 @@ def make_study(optuna, out, args, settings, grid, seeds):
         pruner = optuna.pruners.NopPruner()
     direction = settings.get("direction")
     if direction is None:
-        direction = "maximize" if args.objective in MAXIMIZE else "minimize"
+        from engine.report import MAX_IS_BEST
+
+        direction = "maximize" if args.objective in MAX_IS_BEST else "minimize"
     if direction not in ("maximize", "minimize"):
         raise SearchError(f"[study] direction {direction!r}: maximize or minimize")
     name = settings.get("name", out.name)
@@ -295,24 +297,13 @@ def _run_trial(trial, config, sets, run_dir: Path, metric: str):
     log = open(run_dir / "stdout.log", "ab")
     child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     reported: set[int] = set()
-    pruned_at = None
+    pruned = None  # (update, value) where the pruner stopped the trial
     try:
-        while True:
+        while pruned is None:
             done = child.poll() is not None
-            for rec in _read_metrics(run_dir):
-                step = rec.get("step")
-                if rec.get("type") != "eval" or step in reported:
-                    continue
-                value = rec.get(metric) if metric.startswith("eval_") else rec.get("eval_return")
-                if not isinstance(value, (int, float)) or not math.isfinite(value):
-                    continue
-                reported.add(step)
-                if metric.startswith("eval_"):
-                    trial.report(float(value), step)
-                    if not done and trial.should_prune():
-                        pruned_at = step
-                        break
-            if pruned_at is not None or done:
+            if metric.startswith("eval_"):  # only evaluations are intermediate values
+                pruned = _report(trial, _read_metrics(run_dir), metric, reported, done)
+            if done:
                 break
             time.sleep(POLL_S)
     except BaseException:
@@ -320,15 +311,31 @@ def _run_trial(trial, config, sets, run_dir: Path, metric: str):
         raise
     finally:
         log.close()
-    if pruned_at is not None:
+    if pruned is not None:
         _stop(child)
-        return T.PRUNED, None, f"pruned at update {pruned_at} ({metric} {value:.4g})"
+        return T.PRUNED, None, f"pruned at update {pruned[0]} ({metric} {pruned[1]:.4g})"
     if child.returncode != 0:
         return T.FAIL, None, f"failed (engine.run exit {child.returncode}; {run_dir}/stdout.log)"
     value = objective_of(_read_metrics(run_dir), metric)
     if value is None:
         return T.FAIL, None, f"no {metric} logged (is log.eval_every > 0?)"
     return T.COMPLETE, value, f"{metric} {value:.4g}"
+
+
+def _report(trial, records: list[dict], metric: str, reported: set[int], done: bool):
+    """Reports the evaluations not reported yet; (update, value) if the pruner stops the trial
+    at one (never once the run has ended), else None."""
+    for rec in records:
+        step, value = rec.get("step"), rec.get(metric)
+        if rec.get("type") != "eval" or step in reported or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            continue
+        reported.add(step)
+        trial.report(float(value), step)
+        if not done and trial.should_prune():
+            return step, float(value)
+    return None
 
 
 def _stop(child: subprocess.Popen) -> None:

@@ -68,7 +68,7 @@ from engine.logger import fmt_value as _fmt
 from engine.logger import md_table as _md_table
 from engine.logger import read_metrics as _read_metrics
 from engine.logger import write_text_atomic as write_atomic
-from engine.report import SUMMARY_LOSSES
+from engine.report import MAX_IS_BEST, SUMMARY_LOSSES
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_KEY = "general.seed"
@@ -77,7 +77,6 @@ STEPS_KEY = "train.max_train_steps"
 # Train-record metrics tabulated (final and best) when a run logs them; best is the minimum,
 # except for these, where more is better.
 METRIC_KEYS = (*SUMMARY_LOSSES, "dream_value", "dream_return")
-MAX_IS_BEST = ("dream_value", "dream_return", "eval_return")
 STATUSES = ("pending", "running", "done", "failed", "interrupted")
 STOP_GRACE_S = 120.0  # how long stopped children get to write their checkpoint before SIGKILL
 MAX_NAME = 180  # run-directory names stay well under the 255-byte file-name limit

@@ -264,6 +264,7 @@ class Trainer:
         previous = _install_sigterm() if self.dist is None else self._install_stop_flag()
         try:
             while not self._done():
+                self._agree()
                 with nvtx_range("collect"):
                     # The random policy until the replay holds bootstrap_steps (a fresh run).
                     self.collector.step(self.random_policy and c["env_steps"] < self.train_from)
@@ -289,7 +290,7 @@ class Trainer:
             raise
         finally:
             self.collector.stop()  # the env step in flight finishes (or raises) first
-            for sig, handler in _as_list(previous):
+            for sig, handler in previous:
                 try:
                     signal.signal(sig, handler)
                 except ValueError:
@@ -314,7 +315,8 @@ class Trainer:
     def _install_stop_flag(self):
         """Under torchrun, SIGINT and SIGTERM (Ctrl-C, or the launcher stopping the job) ask
         for a stop that every rank makes at the same loop step (_done): no rank is left waiting
-        in a collective, and rank 0 writes the checkpoint of a finished update."""
+        in a collective, and rank 0 writes the checkpoint of a finished update. Returns the
+        handlers to put back, as _install_sigterm does."""
 
         def handler(signum, frame):
             self._stop_requested = True
@@ -343,15 +345,19 @@ class Trainer:
         self.counters["wall_time"] = self._wall_time()
         self._started = None
 
+    def _agree(self) -> None:
+        """Under torchrun, one collective per loop step (not per update): the ranks agree on a
+        stop request (a signal reaches each rank at its own moment) and on when every replay is
+        ready to train from, so all of them take the same updates."""
+        if self.dist is None:
+            return
+        ready = self._all_ready or self._local_ready()
+        self._all_ready, stop = self.dist.agree(ready, self._stop_requested)
+        if stop:
+            raise KeyboardInterrupt
+
     def _done(self) -> bool:
         c, t = self.counters, self.cfg.train
-        if self.dist is not None:
-            # One collective per loop step: the ranks agree on a stop request (a signal reaches
-            # each rank at its own moment) and on when every replay is ready to train from.
-            ready = self._all_ready or self._local_ready()
-            self._all_ready, stop = self.dist.agree(ready, self._stop_requested)
-            if stop:
-                raise KeyboardInterrupt
         return (
             c["step"] >= t.max_train_steps
             or 0 < t.max_env_steps <= c["env_steps"]
@@ -360,7 +366,7 @@ class Trainer:
 
     def _ready(self) -> bool:
         if self.dist is not None:
-            return self._all_ready  # agreed in _done, before this loop step
+            return self._all_ready  # agreed at the start of this loop step
         return self._local_ready()
 
     def _local_ready(self) -> bool:
@@ -667,10 +673,6 @@ def _install_sigterm():
         return [(signal.SIGTERM, signal.signal(signal.SIGTERM, handler))]
     except ValueError:  # not the main thread: leave signals alone
         return []
-
-
-def _as_list(previous) -> list:
-    return previous or []
 
 
 class NullLog:
