@@ -10,6 +10,10 @@ early-stop checks read, the evaluation returns, a stop request) is reduced acros
 rank drifts. The return normaliser's percentiles are taken over the global batch (an all-gather
 of the imagined returns). Rank 0 writes metrics and checkpoints; each rank its replay shard.
 
+A population (engine.population, --population K) uses the same job differently: its members are
+split over the ranks (K / world size each) and no gradient crosses ranks; the ranks only agree
+on their loop steps, gather the members' evaluations and send a member's state for PBT.
+
 Without torchrun (no WORLD_SIZE in the environment) nothing here is used: the single-process
 path is the plain one. Under torchrun every world size, 1 included, runs this path (a world of 1
 is how its cost is measured).
@@ -156,11 +160,11 @@ class Distributed:
 
     # ---- Host-side decisions (CPU tensors: gloo) --------------------------------------------
 
-    def agree(self, ready: bool, stop: bool) -> tuple[bool, bool]:
-        """(every rank is ready, some rank asked to stop): one small all-reduce."""
-        t = torch.tensor([int(bool(ready)), int(not stop)], dtype=torch.int32)
-        self._call("loop-step agreement", dist.all_reduce, t, op=dist.ReduceOp.MIN)
-        return bool(t[0]), not bool(t[1])
+    def all_of(self, *flags: bool, what: str = "loop-step agreement") -> list[bool]:
+        """For each flag, whether it holds on every rank: one small all-reduce."""
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+        self._call(what, dist.all_reduce, t, op=dist.ReduceOp.MIN)
+        return [bool(v) for v in t.tolist()]
 
     def mean(self, values: list[float], what: str = "metric reduction") -> list[float]:
         """The mean over ranks of each value (a NaN on any rank is a NaN on every rank)."""
@@ -176,9 +180,16 @@ class Distributed:
         self._call(what, dist.all_gather, out, x)
         return torch.cat(out)
 
-    def broadcast_object(self, obj, what: str = "broadcast"):
+    def gather_objects(self, obj, what: str = "gather") -> list:
+        """Every rank's picklable `obj`, in rank order, on every rank."""
+        out: list = [None] * self.world
+        self._call(what, dist.all_gather_object, out, obj)
+        return out
+
+    def broadcast_object(self, obj, what: str = "broadcast", src: int = 0):
+        """Rank `src`'s picklable `obj` on every rank (tensors in it travel on the CPU)."""
         box = [obj]
-        self._call(what, dist.broadcast_object_list, box, 0)
+        self._call(what, dist.broadcast_object_list, box, src)
         return box[0]
 
     def close(self) -> None:

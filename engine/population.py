@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_map
 
-from engine import checkpoint
+from engine import checkpoint, distributed
 from engine.agent import Agent, Carry
 from engine.config import (
     MEMBER_KEYS,
@@ -50,6 +50,7 @@ from engine.config import (
     Schedule,
     actor_entropy_coef_at,
     effective_lrs,
+    from_dict,
     get_key,
     member_configs,
     plain_value,
@@ -269,9 +270,6 @@ class PopulationAgent:
             return tree_map(join, out)
 
         return _own_code(call, f"{path}_{name}")
-
-        call.__name__ = f"population_{name}"
-        return call
 
     # ---- The interface the trainer and evaluation use -----------------------------------------
 
@@ -519,12 +517,33 @@ class PopulationTrainer(Trainer):
     A member that diverges (non-finite metric or parameter, runaway dream value) is frozen: its
     updates are masked, its envs keep stepping with its last weights, and the others train on.
     A member that meets train.stop_solved_evals or train.early_stop_patience stops the same
-    way. The run ends when no member trains; it exits 3 only when every member has failed."""
+    way. The run ends when no member trains; it exits 3 only when every member has failed.
+
+    Under torchrun the members are split over the ranks, K / W each (rank r trains members
+    r*K/W .. (r+1)*K/W - 1, in their own directories): no gradient crosses ranks. The ranks
+    step in lockstep (the same updates, evaluations and checkpoints), agree once per loop step
+    whether every member of the job has stopped, gather the members' evals for the job's line
+    and tables (rank 0 writes them), and PBT ranks the whole population, a member's state
+    crossing ranks when its source trains elsewhere. Each rank checkpoints its members and
+    its own counters (population.pt on rank 0, population.rank<r>.pt)."""
+
+    ranks_share_agent = False
+    resume_file = "population.pt"
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
-        self.members = cfg.population.size
-        self.member_cfgs = member_configs(cfg)
-        self.member_dirs = [run_dir / member_dir_name(k) for k in range(self.members)]
+        dist, total = distributed.current(), cfg.population.size
+        world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
+        if total % world:
+            raise TrainingError(
+                f"population.size {total} does not split over {world} ranks: make it a "
+                f"multiple of --nproc_per_node"
+            )
+        self.members = total // world  # this rank's
+        self.first = rank * self.members  # the job-wide index of this rank's first member
+        # Every member's config on every rank (PBT's explore reads a source trained elsewhere).
+        self.all_member_cfgs = member_configs(cfg)
+        self.member_cfgs = self.all_member_cfgs[self.first : self.first + self.members]
+        self.member_dirs = [run_dir / member_dir_name(self.first + k) for k in range(self.members)]
         self.member_counters = [_member_counters() for _ in range(self.members)]
         self.member_logs: list[MetricsLog] = []
         super().__init__(cfg, run_dir, resume)
@@ -535,6 +554,7 @@ class PopulationTrainer(Trainer):
                 save_toml(member, d / "config.toml")
         self.member_logs = [MetricsLog(d / "metrics.jsonl") for d in self.member_dirs]
         self.member_lrs = [effective_lrs(m.train) for m in self.member_cfgs]
+        self._rank_done = ""  # under torchrun: "stopped" or "failed" once no member here trains
         if self.dreams:
             self.dreams = False
             self.progress.write("note: log.dream_video: no dream videos in a population run")
@@ -554,7 +574,14 @@ class PopulationTrainer(Trainer):
         return [actor_entropy_coef_at(m.train, step) for m in self.member_cfgs]
 
     def param_summary(self) -> str:
-        return f"{self.members} members x {self.agent.num_params():,}"
+        ranks = f" on each of {self.world} ranks" if self.world > 1 else ""
+        return f"{self.members} members{ranks} x {self.agent.num_params():,}"
+
+    def _job(self, values: list) -> list:
+        """Every member's value in the job (each rank's `values` in rank order)."""
+        if self.dist is None:
+            return list(values)
+        return [v for part in self.dist.gather_objects(list(values), "member gather") for v in part]
 
     # ---- Members ----------------------------------------------------------------------------
 
@@ -585,15 +612,18 @@ class PopulationTrainer(Trainer):
         self.agent.freeze(k)
         kind = {"failed": "health", "solved": "solved", "early stop": "early_stop"}[status]
         self._member_write(k, kind, reason=reason, **values)
-        self._record("member_stopped", member=k, status=status, reason=reason)
+        self._record("member_stopped", member=self.first + k, status=status, reason=reason)
         self.progress.write(
-            f"member {k}: {status} at step {self.counters['step']}: {reason}"
+            f"member {self.first + k}: {status} at step {self.counters['step']}: {reason}"
             + ("; the others train on" if status == "failed" else "")
         )
-        training = [m for m in self.member_counters if m["status"] == "training"]
-        if training:
+        if any(m["status"] == "training" for m in self.member_counters):
             return
-        if all(m["status"] == "failed" for m in self.member_counters):
+        failed = all(m["status"] == "failed" for m in self.member_counters)
+        if self.dist is not None:  # the job ends when no rank has a member training (_agreed)
+            self._rank_done = "failed" if failed else "stopped"
+            return
+        if failed:
             raise HealthError(f"step {self.counters['step']}: every member failed ({reason})")
         self.stop_reason = (
             "no member is training ("
@@ -601,6 +631,19 @@ class PopulationTrainer(Trainer):
             + ")"
         )
         self.stop_kind = "all members stopped"
+
+    def _flags(self) -> tuple[bool, ...]:
+        return bool(self._rank_done), self._rank_done == "failed"
+
+    def _agreed(self, flags: list[bool]) -> None:
+        """Under torchrun: a rank whose members have all stopped keeps stepping (its updates
+        masked) until every rank's have, so that the ranks stay in step."""
+        all_done, all_failed = flags
+        if all_failed:
+            raise HealthError(f"step {self.counters['step']}: every member on every rank failed")
+        if all_done and self.stop_reason is None:
+            self.stop_reason = f"no member is training on any of the {self.world} ranks"
+            self.stop_kind = "all members stopped"
 
     # ---- Logging ----------------------------------------------------------------------------
 
@@ -616,12 +659,17 @@ class PopulationTrainer(Trainer):
         rate = (c["step"] - step0) / max(now - t0, 1e-9)
         speed = dict(
             train_steps_per_sec=rate,
-            agent_updates_per_sec=rate * self.members,
+            agent_updates_per_sec=rate * self.members,  # this rank's (the job's: x world)
             env_steps_per_sec=(c["env_steps"] - env0) / max(now - t0, 1e-9),  # per member
         )
         training = [m["status"] == "training" for m in self.member_counters]
-        total = dict(speed, env_steps_per_sec=speed["env_steps_per_sec"] * self.members)
-        self._record("train", wall_time=self._wall_time(now), members_training=sum(training),
+        total = dict(
+            speed,
+            agent_updates_per_sec=speed["agent_updates_per_sec"] * self.world,
+            env_steps_per_sec=speed["env_steps_per_sec"] * self.members * self.world,
+        )
+        members_training = sum(self._job([sum(training)]))
+        self._record("train", wall_time=self._wall_time(now), members_training=members_training,
                      **total)  # fmt: skip
         for k in range(self.members):
             if not training[k]:
@@ -663,13 +711,15 @@ class PopulationTrainer(Trainer):
         returns takes the state of a random one in the top `quantile` (copy_member) and that
         member's grid settings, each multiplied by a random factor of `perturb` (a value the
         config would refuse keeps the source's). Members are ranked only once evaluated after
-        their last exploit. Both members' metrics get a record."""
+        their last exploit. Both members' metrics get a record. Under torchrun the whole
+        population is ranked (every rank draws the same pairs) and a source on another rank
+        sends its state there."""
         pbt, c = self.cfg.population.pbt, self.counters
-        ranked = sorted(
-            (mc["last_eval"], k)
-            for k, mc in enumerate(self.member_counters)
-            if mc["status"] == "training" and math.isfinite(mc["last_eval"])
+        evals = self._job(
+            mc["last_eval"] if mc["status"] == "training" else math.nan
+            for mc in self.member_counters
         )
+        ranked = sorted((v, k) for k, v in enumerate(evals) if math.isfinite(v))
         n = int(pbt.quantile * len(ranked))
         if n < 1:
             return
@@ -677,38 +727,53 @@ class PopulationTrainer(Trainer):
         bottom, top = [k for _, k in ranked[:n]], [k for _, k in ranked[-n:]]
         for dst in bottom:
             src = top[int(rng.integers(len(top)))]
-            before = self.member_counters[dst]["last_eval"]
-            source_eval = self.member_counters[src]["last_eval"]
-            self.agent.copy_member(src, dst)
+            self._copy_member(src, dst)
             member = explore(
-                self.member_cfgs[src],
-                self.member_cfgs[dst].general.seed,
+                self.all_member_cfgs[src],
+                self.all_member_cfgs[dst].general.seed,
                 [k for k in self.cfg.population.grid if k in MEMBER_KEYS],
                 pbt.perturb,
                 rng,
             )
-            self.agent.set_member_config(dst, member)  # also self.member_cfgs[dst]
-            self.member_lrs[dst] = effective_lrs(member.train)
-            save_toml(member, self.member_dirs[dst] / "config.toml")
+            self.all_member_cfgs[dst] = member
             settings = {key: plain_value(get_key(member, key)) for key in self.cfg.population.grid}
-            self.member_counters[dst]["last_eval"] = math.nan  # ranked again once evaluated
-            self._member_write(
-                dst,
-                "pbt_exploit",
-                source=src,
-                source_eval=source_eval,
-                eval_return_before=before,
-                settings=settings,
-            )
-            self._member_write(src, "pbt_source", target=dst, eval_return=source_eval)
+            mine = self._local(dst)
+            if mine is not None:
+                self.agent.set_member_config(mine, member)  # also self.member_cfgs[mine]
+                self.member_lrs[mine] = effective_lrs(member.train)
+                save_toml(member, self.member_dirs[mine] / "config.toml")
+                self.member_counters[mine]["last_eval"] = math.nan  # ranked again once evaluated
+                self._member_write(mine, "pbt_exploit", source=src, source_eval=evals[src],
+                                   eval_return_before=evals[dst], settings=settings)  # fmt: skip
+            if (theirs := self._local(src)) is not None:
+                self._member_write(theirs, "pbt_source", target=dst, eval_return=evals[src])
             self._record("pbt_exploit", source=src, target=dst, settings=settings)
             self.progress.write(
-                f"pbt at step {c['step']}: member {dst} ({before:.1f}) takes member {src}'s "
-                f"state ({source_eval:.1f}), settings {settings}"
+                f"pbt at step {c['step']}: member {dst} ({evals[dst]:.1f}) takes member {src}'s "
+                f"state ({evals[src]:.1f}), settings {settings}"
             )
         self._entropy_coef = self._entropy_coef_at(c["step"])
         self.agent.set_entropy_coef(self._entropy_coef)
         self.write_summary()
+
+    def _local(self, k: int) -> int | None:
+        """This rank's index of the job's member k (None: it trains on another rank)."""
+        return k - self.first if self.first <= k < self.first + self.members else None
+
+    def _copy_member(self, src: int, dst: int) -> None:
+        """Member dst (job-wide index) takes member src's state: in place when both train here,
+        else sent from src's rank (weights, buffers, moments, on the CPU) to every rank."""
+        s, d = self._local(src), self._local(dst)
+        if s is not None and d is not None:
+            self.agent.copy_member(s, d)
+            return
+        state = None
+        if s is not None:
+            state = tree_map(lambda t: t.cpu(), self.agent.member_state(s))
+        state = self.dist.broadcast_object(state, "PBT member copy", src=src // self.members)
+        if d is not None:
+            agent, optim = tree_map(lambda t: t.to(self.device), state)
+            self.agent.load_member_state(d, agent, optim)
 
     # ---- Evaluation -------------------------------------------------------------------------
 
@@ -740,12 +805,14 @@ class PopulationTrainer(Trainer):
             reason = solved_reason(self.cfg, mc["last_eval"], mc)
             if reason is not None:
                 self._stop_member(k, "solved", reason, eval_return=mc["last_eval"])
+        # The job's: every rank's members (in one process, this population).
+        evals, bests = zip(*self._job(zip(evals, (m["best_eval"] for m in self.member_counters))))
         self.last_eval = float(np.mean(evals))
-        c["best_eval"] = max(m["best_eval"] for m in self.member_counters)
-        self._record("eval", eval_returns=evals, eval_return=self.last_eval)
+        c["best_eval"] = max(bests)
+        self._record("eval", eval_returns=list(evals), eval_return=self.last_eval)
         self.progress.write(
             f"step {c['step']} env_steps {c['env_steps']}: eval return "
-            f"{self.last_eval:.1f} +- {float(np.std(evals)):.1f} over {self.members} members "
+            f"{self.last_eval:.1f} +- {float(np.std(evals)):.1f} over {len(evals)} members "
             f"({' '.join(f'{v:.0f}' for v in evals)}; {n} episodes each)"
         )
         self.write_summary()
@@ -775,8 +842,11 @@ class PopulationTrainer(Trainer):
                 members=self.member_counters,
                 rng=checkpoint.rng_state(),
                 config=to_dict(self.cfg),
+                world_size=self.world,
+                # PBT may have changed members trained on other ranks too: every rank's view.
+                member_configs=[to_dict(m) for m in self.all_member_cfgs],
             )
-            size += checkpoint.save(self.ckpt_dir / "population.pt", state)
+            size += checkpoint.save(self._population_path(), state)
             self.saved_step[name] = self.counters["step"]
         return size
 
@@ -797,8 +867,13 @@ class PopulationTrainer(Trainer):
         )
         return checkpoint.save(self.member_dirs[k] / "checkpoints" / f"{name}.pt", payload)
 
+    def _population_path(self) -> Path:
+        """This rank's counters, members' status and RNG: population.pt, population.rank<r>.pt."""
+        suffix = f".rank{self.rank}" if self.rank else ""
+        return self.ckpt_dir / f"population{suffix}.pt"
+
     def _restore(self) -> None:
-        path = self.ckpt_dir / "population.pt"
+        path = self._population_path()
         if not path.is_file():
             raise TrainingError(f"{path}: no population checkpoint to resume from")
         state = checkpoint.load(path, self.device)
@@ -807,10 +882,14 @@ class PopulationTrainer(Trainer):
             raise TrainingError(
                 f"{path}: holds a population of {saved}, not {self.members} (population.size)"
             )
+        if self.cfg.population.pbt.every and "member_configs" in state:
+            self._restore_pbt_settings(state["member_configs"])
         for k, d in enumerate(self.member_dirs):
             member_path = d / "checkpoints" / "latest.pt"
             if not member_path.is_file():
-                raise TrainingError(f"{member_path}: missing; cannot resume member {k}")
+                raise TrainingError(
+                    f"{member_path}: missing; cannot resume member {self.first + k}"
+                )
             member = checkpoint.load(member_path, self.device)
             try:
                 self.agent.load_member_state(k, member["agent"], member["optim"])
@@ -821,9 +900,10 @@ class PopulationTrainer(Trainer):
         self.counters.update(state["counters"])
         self.member_counters = state["members"]
         checkpoint.set_rng_state(state["rng"])
-        save_toml(self.cfg, self.run_dir / "config.toml")
         step = self.counters["step"]
-        truncate_metrics(self.run_dir / "metrics.jsonl", step)
+        if self.is_main:
+            save_toml(self.cfg, self.run_dir / "config.toml")
+            truncate_metrics(self.run_dir / "metrics.jsonl", step)
         for member, d in zip(self.member_cfgs, self.member_dirs):
             save_toml(member, d / "config.toml")
             truncate_metrics(d / "metrics.jsonl", step)
@@ -833,15 +913,31 @@ class PopulationTrainer(Trainer):
             f"({self.members} members, {stopped} stopped)"
         )
 
+    def _restore_pbt_settings(self, saved: list[dict]) -> None:
+        """The grid settings PBT gave each member (saved with the counters), over the grid's
+        own: a resumed PBT run goes on with the perturbed learning rates, not the first ones."""
+        keys = [key for key in self.cfg.population.grid if key in MEMBER_KEYS]
+        for member, raw in zip(self.all_member_cfgs, saved):
+            before = from_dict(raw)
+            for key in keys:
+                set_key(member, key, get_key(before, key), "population checkpoint")
+        for k, member in enumerate(self.member_cfgs):
+            self.agent.set_member_config(k, member)
+
     # ---- The end ----------------------------------------------------------------------------
 
     def run(self) -> dict:
         try:
             result = super().run()
+        except BaseException:
+            # Under torchrun the other ranks may be gone: the last evaluation's tables stay.
+            if self.dist is None:
+                self.write_summary()
+            raise
         finally:
-            self.write_summary()
             for log in self.member_logs:
                 log.close()
+        self.write_summary()
         return result
 
     def write_summary(self) -> None:
@@ -849,7 +945,7 @@ class PopulationTrainer(Trainer):
         best eval, and the mean +- std over the members."""
         rows = []
         for k, (member, mc) in enumerate(zip(self.member_cfgs, self.member_counters)):
-            row = {"member": member_dir_name(k), "seed": member.general.seed}
+            row = {"member": member_dir_name(self.first + k), "seed": member.general.seed}
             grid = [key for key in self.cfg.population.grid if key != "general.seed"]
             row.update({key: get_key(member, key) for key in grid})
             row.update(
@@ -859,7 +955,9 @@ class PopulationTrainer(Trainer):
                 best_eval=mc["best_eval"],
             )
             rows.append(row)
-        write_population_tables(self.run_dir, rows, self.counters)
+        rows = self._job(rows)  # under torchrun, every rank's members: rank 0 writes them
+        if self.is_main:
+            write_population_tables(self.run_dir, rows, self.counters)
 
 
 def explore(

@@ -2,8 +2,9 @@
 
 Config and input errors print one line and exit with status 2; a run stopped by a health check
 (diverged training) prints one line and exits with status 3; no traceback. Under torchrun
-(data-parallel, engine.distributed) rank 0 speaks for the job, and a rank whose peer is gone
-prints one line naming that rank and exits with status 4."""
+(engine.distributed) one agent trains data-parallel over the ranks, or a population's members
+are split over them (--population K: K / ranks each); rank 0 speaks for the job, and a rank
+whose peer is gone prints one line naming that rank and exits with status 4."""
 
 from __future__ import annotations
 
@@ -77,11 +78,6 @@ def _start_distributed(cfg):
 
     if not distributed.launched():
         return None
-    if cfg.population.size > 1:
-        fail(
-            "population.size > 1 under torchrun is not supported yet: run a population "
-            "without torchrun, or one agent per rank"
-        )
     from engine.device import resolve_device
 
     try:

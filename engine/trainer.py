@@ -71,6 +71,11 @@ class Trainer:
     where the two differ."""
 
     members = 1  # agents trained together (a population's size)
+    # Under torchrun: the ranks train one agent together (data-parallel: averaged gradients,
+    # replay shards, the job's env steps and metric means). A population's ranks each train
+    # their own members instead, in step with each other but sharing no gradients.
+    ranks_share_agent = True
+    resume_file = "latest.pt"  # the checkpoint a resume reads (hook: a population's)
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
@@ -78,8 +83,10 @@ class Trainer:
         self.dist = distributed.current()
         self.rank, self.world = (self.dist.rank, self.dist.world) if self.dist else (0, 1)
         self.is_main = self.rank == 0
+        self.dp = self.dist if self.ranks_share_agent else None  # data-parallel collectives
+        self.shards = self.world if self.dp is not None else 1  # the replay's shards
         if resume:
-            self._check_world_size(run_dir / "checkpoints" / "latest.pt")
+            self._check_world_size(run_dir / "checkpoints" / self.resume_file)
         # Optional packages first: a missing one fails before anything is built or written.
         writer_cls = require_tensorboard() if cfg.log.tensorboard else None
         if cfg.log.dream_video and (why := dream_unavailable()):
@@ -114,8 +121,8 @@ class Trainer:
         for line in notices:
             self.progress.write(line)
         self.agent = self._make_agent()
-        if self.dist is not None:
-            self.dist.attach(self.agent)
+        if self.dp is not None:
+            self.dp.attach(self.agent)
         # Under torchrun each rank holds a shard of the replay: replay_buffer_size / world.
         capacity, spec = self._shard_size() * k, self._replay_spec()
         self._check_replay_memory(capacity, spec)
@@ -207,7 +214,7 @@ class Trainer:
         need, free = replay_bytes(spec, capacity), free_memory(self.device)
         k, per = self.members, self._shard_size()
         what = f"{k} members x {per:,} steps" if k > 1 else f"{per:,} steps"
-        if self.world > 1:
+        if self.shards > 1:
             what += f" (this rank's shard of {self.cfg.train.replay_buffer_size:,})"
         where = f"{self.device.type}, {free / 1e9:.1f} GB free" if free else self.device.type
         self.progress.write(f"replay: {what} = {need / 1e9:.2f} GB on the device ({where})")
@@ -222,7 +229,7 @@ class Trainer:
 
     def _shard_size(self) -> int:
         """The replay steps this rank holds."""
-        return max(1, self.cfg.train.replay_buffer_size // self.world)
+        return max(1, self.cfg.train.replay_buffer_size // self.shards)
 
     def _replay_spec(self):
         cfg = self.cfg
@@ -270,8 +277,8 @@ class Trainer:
                     self.collector.step(self.random_policy and c["env_steps"] < self.train_from)
                 # Counted per agent: a population's member steps env.num_envs of the K x N
                 # envs, so its train ratio, bootstrap and env-step limits are a single run's.
-                # Under torchrun every rank's envs count: env steps are the job's.
-                c["env_steps"] += self.cfg.env.num_envs * self.world
+                # Data-parallel, every rank's envs count: env steps are the job's.
+                c["env_steps"] += self.cfg.env.num_envs * self.shards
                 if self._ready():
                     c["budget"] += self.cfg.env.num_envs * t.train_ratio / per_update
                     while c["budget"] >= 1 and not self._done():
@@ -352,9 +359,18 @@ class Trainer:
         if self.dist is None:
             return
         ready = self._all_ready or self._local_ready()
-        self._all_ready, stop = self.dist.agree(ready, self._stop_requested)
-        if stop:
+        flags = self._flags()
+        self._all_ready, go_on, *agreed = self.dist.all_of(ready, not self._stop_requested, *flags)
+        if not go_on:
             raise KeyboardInterrupt
+        self._agreed(agreed)
+
+    def _flags(self) -> tuple[bool, ...]:
+        """Hook: more flags the ranks agree on each loop step (each: does it hold on all)."""
+        return ()
+
+    def _agreed(self, flags: list[bool]) -> None:
+        """Hook: what the ranks agreed on for `_flags`."""
 
     def _done(self) -> bool:
         c, t = self.counters, self.cfg.train
@@ -433,8 +449,8 @@ class Trainer:
         over in a single transfer."""
         keys = list(self._acc)
         values = torch.stack([self._acc[k][0] / self._acc[k][1] for k in keys]).cpu().tolist()
-        if self.dist is not None:  # the means over ranks: every rank's checks see the same
-            values = self.dist.mean(values)
+        if self.dp is not None:  # the means over ranks: every rank's checks see the same
+            values = self.dp.mean(values)
         return dict(zip(keys, values))
 
     def _log_train(self) -> None:
@@ -508,7 +524,7 @@ class Trainer:
         c = self.counters
         # With dream videos, the first eval env's first episode is recorded for a dream.
         episodes, clip = self.evaluator.play(record=self.dreams)
-        if self.dist is not None:  # every rank's episodes: the same record on every rank
+        if self.dp is not None:  # every rank's episodes: the same record on every rank
             episodes = Episodes(*(self._gathered(x) for x in episodes))
         returns, lengths = episodes.returns, episodes.lengths
         self.last_eval = float(returns.mean())

@@ -4,6 +4,7 @@ line, a rank killed mid-run and a resume with another world size."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -187,6 +188,65 @@ def test_torchrun_trains_resumes_and_refuses_another_world_size(tmp_path):
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-2000:]
     assert "done: 18 updates" in out
+
+
+def test_torchrun_splits_a_population_over_the_ranks_with_pbt_across_them(tmp_path):
+    """--population 2 on 2 ranks: one member per rank, no gradient shared, the job's tables
+    on rank 0, and PBT's copy necessarily crossing ranks (1 bottom, 1 top member)."""
+    run = tmp_path / "pop"
+    grid = 'population.grid={"train.actor_lr" = [1e-4, 1e-3]}'
+    pbt = ("population.pbt.every=6", "population.pbt.quantile=0.5")
+    sets = [x for kv in (grid, "env.image=false", *pbt) for x in ("--set", kv)]
+    p = torchrun("--config", "configs/tiny.toml", "--population", "2", "--run-dir", str(run),
+                 *sets, "--set", "train.max_train_steps=6")  # fmt: skip
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    assert out.count("done") == 1 and "(mean of 2 members)" in out
+    for k in range(2):
+        cfg = load_config(run / f"member_{k:02d}" / "config.toml")
+        assert cfg.general.seed == k and cfg.population.size == 1
+    assert len((run / "population.csv").read_text().splitlines()) == 3
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["eval_returns"]) for r in evals if r["type"] == "eval"] == [2]
+    ckpt = lambda path: torch.load(path, weights_only=False)  # noqa: E731
+    assert ckpt(run / "checkpoints/population.pt")["world_size"] == 2
+    assert (run / "checkpoints/population.rank1.pt").is_file()
+    # The exploit at step 6 (the last update): the bottom member holds the top one's weights,
+    # sent from the other rank (they started from other seeds).
+    (exploit,) = [r for r in evals if r["type"] == "pbt_exploit"]
+    src, dst = exploit["source"], exploit["target"]
+    assert {src, dst} == {0, 1}
+    weights = [ckpt(run / f"member_{k:02d}/checkpoints/latest.pt")["agent"] for k in (0, 1)]
+    first = [ckpt(run / f"member_{k:02d}/checkpoints/best.pt")["agent"] for k in (0, 1)]
+    name = "behavior.actor.out.weight"
+    assert not torch.equal(first[0][name], first[1][name])
+    for n, v in weights[src].items():
+        if v.is_floating_point() and "weight" in n:
+            assert torch.equal(weights[dst][n], v), n
+    member = f"member_{dst:02d}"
+    (mine,) = [r for r in map(json.loads, (run / member / "metrics.jsonl").read_text()
+               .splitlines()) if r["type"] == "pbt_exploit"]  # fmt: skip
+    assert mine["source"] == src
+    lr = exploit["settings"]["train.actor_lr"]
+    # Resumed with torchrun (to before the next exploit): the perturbed learning rate stays
+    # the member's, not the grid's.
+    p = torchrun("--resume", str(run), "--set", "train.max_train_steps=10")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    assert "done" in out and "10 updates" in out
+    assert load_config(run / member / "config.toml").train.actor_lr == pytest.approx(lr)
+    # Without torchrun: one line, exit 2. A population that does not split: one line, exit 2.
+    before = (run / "checkpoints/population.pt").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "engine.run", "--resume", str(run)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "2 rank(s)" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert (run / "checkpoints/population.pt").read_bytes() == before
+    p = torchrun("--config", "configs/tiny.toml", "--population", "3", "--run-dir",
+                 str(tmp_path / "odd"), "--set", "env.image=false")  # fmt: skip
+    out, err = p.communicate(timeout=600)
+    assert p.returncode != 0
+    assert "error: population.size 3 does not split over 2 ranks" in err, err[-2000:]
+    assert err.count("error: population.size") == 1  # rank 0 speaks for the job
 
 
 def _ranks(parent: int) -> dict[int, int]:
