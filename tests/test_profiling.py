@@ -98,3 +98,23 @@ def test_throughput_benchmark_measures_populations_and_separate_processes(tmp_pa
         sum(2 * r["updates_per_sec"] for r in apart_pops["each"])
     )
     assert " 2x1 " in out.stdout and " 2x2 " in out.stdout and "PxK: P such" in out.stdout
+
+
+def test_distributed_training_benchmark_rates_and_commands():
+    from benchmarks import distributed_training as dt
+
+    metrics = [
+        dict(type="train", step=50, env_steps=1000, wall_time=10.0),
+        dict(type="eval", step=100, env_steps=1800, eval_return=9.0),
+        dict(type="train", step=100, env_steps=1800, wall_time=20.0),
+        dict(type="train", step=300, env_steps=5000, wall_time=60.0),
+    ]
+    r = dt.rates(metrics, skip=100)  # from update 100 to the last train line
+    assert r["updates"] == 200 and r["seconds"] == 40.0
+    assert r["updates_per_sec"] == 5.0 and r["env_steps_per_sec"] == 80.0
+    with pytest.raises(ValueError, match="fewer than two"):
+        dt.rates(metrics, skip=200)
+    dp = dt.command("data-parallel", 2, "c.toml", "/r", ["log.eval_every=0"])
+    one = dt.command("one process", 2, "c.toml", "/r", ["log.eval_every=0"])
+    assert "--nproc_per_node=2" in dp and dp[-1] == "general.threads=1"
+    assert "torch.distributed.run" not in one and one[-1] == "general.threads=2"
