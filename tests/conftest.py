@@ -1,6 +1,16 @@
 import os
 
-import torch
+# Under pytest-xdist (README's test command: -n auto) the workers share the cores: each, and each
+# process it starts, takes one thread. Two processes with torch threads on every core make each
+# other collapse (DESIGN.md section 8), so the variable is set before torch is imported.
+XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if XDIST:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+if XDIST:
+    torch.set_num_threads(1)
 
 # Triton kernels run on a CPU only in Triton's interpreter, and Triton reads TRITON_INTERPRET when
 # it is first imported (its own tl.* helpers are @jit functions decorated at import). The engine
