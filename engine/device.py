@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.envs import available_cores
+from engine.envs import available_cores, local_ranks
 
 if TYPE_CHECKING:
     from engine.config import Config
@@ -43,7 +43,9 @@ def thread_summary(cfg: Config, stepping: str) -> str:
     env's own account of how it steps (VecEnv.stepping)."""
     how = "general.threads" if cfg.general.threads else "all available"
     wait = os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)").lower()
+    ranks = local_ranks()
+    share = f" to each of {ranks} ranks on this host" if ranks > 1 else ""
     return (
         f"threads: {torch.get_num_threads()} intra-op ({how}; {available_cores()} cores "
-        f"available), OpenMP wait policy {wait}, env stepping: {stepping}"
+        f"available{share}), OpenMP wait policy {wait}, env stepping: {stepping}"
     )

@@ -31,11 +31,21 @@ _LUNAR_FRAME_HEIGHT = 400  # gymnasium renders LunarLander at 400 x 600; frames 
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, e.g. under taskset or a SLURM
-    allocation), not the machine's count."""
+    allocation), not the machine's count; under torchrun, this rank's share of them (the ranks
+    on one host, LOCAL_WORLD_SIZE, share its cores)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # no sched_getaffinity (macOS)
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_ranks())
+
+
+def local_ranks() -> int:
+    """Processes torchrun started on this host (1 without torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 class EnvError(Exception):

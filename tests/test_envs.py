@@ -262,6 +262,20 @@ def test_envpool_threads_follow_the_available_cores(monkeypatch):
         env.close()
 
 
+def test_torchrun_ranks_on_one_host_share_its_cores(monkeypatch):
+    from engine import envs
+
+    monkeypatch.setattr(envs.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert envs.available_cores() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert envs.available_cores() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert envs.available_cores() == 1  # never below one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    assert envs.local_ranks() == 1
+
+
 @pytest.mark.parametrize("given", [None, "ACTIVE"])
 def test_importing_engine_sets_a_passive_openmp_wait_unless_given(given):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
