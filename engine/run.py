@@ -9,6 +9,7 @@ whose peer is gone prints one line naming that rank and exits with status 4."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -150,7 +151,7 @@ def _main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         print(
             f"\ninterrupted: checkpoint written to {saved}; "
-            f"continue with: python -m engine.run --resume {run_dir}",
+            f"continue with: {_resume_command(run_dir)}",
             file=sys.stderr,
         )
         sys.exit(130)
@@ -166,6 +167,18 @@ def _main(argv: list[str] | None = None) -> None:
         f"best eval {result['best_eval']:.1f}{best}, checkpoint {mb:.1f} MB "
         f"({saved}){members}"
     )
+
+
+def _resume_command(run_dir: Path) -> str:
+    """The command that continues this run: under torchrun, with the same number of ranks (a
+    checkpoint resumed with another world size is refused)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return f"python -m engine.run --resume {run_dir}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    if local == world:
+        return f"torchrun --standalone --nproc_per_node {world} -m engine.run --resume {run_dir}"
+    return f"torchrun (the same {world} ranks) -m engine.run --resume {run_dir}"
 
 
 if __name__ == "__main__":

@@ -224,8 +224,25 @@ def test_sigterm_writes_a_checkpoint_and_exits_130(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "--resume" in err and "Traceback" not in err
+    assert f"continue with: python -m engine.run --resume {rd}" in err and "Traceback" not in err
     assert torch.load(rd / "checkpoints" / "latest.pt", weights_only=False)["counters"]["step"] >= 8
+
+
+def test_the_resume_hint_under_torchrun_keeps_the_world_size(monkeypatch):
+    from engine.run import _resume_command
+
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert _resume_command(Path("runs/a")) == "python -m engine.run --resume runs/a"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _resume_command(Path("runs/a")) == (
+        "torchrun --standalone --nproc_per_node 2 -m engine.run --resume runs/a"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    same = "torchrun (the same 16 ranks) -m engine.run --resume runs/a"
+    assert _resume_command(Path("runs/a")) == same
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path):
