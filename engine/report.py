@@ -179,6 +179,16 @@ def population_members(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("member_*") if (p / "metrics.jsonl").is_file())
 
 
+MEAN_STYLES = ("-", "--", ":", "-.")
+"""Line styles of the population means in eval.png, in the order the populations are given."""
+
+
+def population_names(populations: Sequence[Sequence[Run]]) -> list[str]:
+    """Each population by its run directory's name (the members' parent), with as much of its
+    path as tells it from the others (short_names)."""
+    return short_names([g[0].path.parent if g else Path("?") for g in populations])
+
+
 def member_mean(runs: Sequence[Run]) -> tuple[Any, Any, Any] | None:
     """A population's members' eval returns, mean and std across the members at each eval
     step they all reached: (env steps, mean, std), or None with fewer than two members."""
@@ -532,13 +542,17 @@ def plot_eval(
                     lw=0,
                     zorder=2,
                 )
+    names = population_names(populations)
     for i, members in enumerate(populations):
         mean = member_mean(members)
         if mean is None:
             continue
         env, mu, sd = mean
-        label = f"mean of {len(members)} members" + (f" ({i + 1})" if len(populations) > 1 else "")
-        ax_env.plot(env, mu, "-", color="black", lw=2.4, zorder=4, label=label)
+        label = f"mean of {len(members)} members"
+        if len(populations) > 1:  # one black line each, told apart by its dash and name
+            label = f"{names[i]}: {label}"
+        style = MEAN_STYLES[i % len(MEAN_STYLES)]
+        ax_env.plot(env, mu, linestyle=style, color="black", lw=2.4, zorder=4, label=label)
         ax_env.fill_between(env, mu - sd, mu + sd, color="0.3", alpha=0.18, lw=0, zorder=2)
         ax_env.legend(loc="lower right", fontsize=8)
     for ax, xlabel in ((ax_env, "env steps"), (ax_wall, "wall time (s)")):
@@ -667,10 +681,26 @@ def default_out(run_dirs: Sequence[Path]) -> Path:
 
 
 def label_runs(runs: Sequence[Run]) -> None:
-    """Label by directory name; where two runs share one, by the path as given."""
-    names = [r.path.resolve().name for r in runs]
-    for run, name in zip(runs, names):
-        run.label = name if names.count(name) == 1 else str(run.path)
+    """Label by directory name; where two runs share one, by as many of the path's last parts
+    as tell them apart (two populations' members: ll_pbt/member_00, ll_plain/member_00)."""
+    for run, label in zip(runs, short_names([r.path for r in runs])):
+        run.label = label
+
+
+def short_names(paths: Sequence[Path]) -> list[str]:
+    """Each path by its shortest tail of parts that no other path ends with; a path given twice
+    by itself, as given."""
+    parts = [p.resolve().parts for p in paths]
+    names = []
+    for i, mine in enumerate(parts):
+        others = [q for j, q in enumerate(parts) if j != i]
+        for n in range(1, len(mine) + 1):
+            if all(q[-n:] != mine[-n:] for q in others):
+                names.append("/".join(mine[-n:]))
+                break
+        else:
+            names.append(str(paths[i]))
+    return names
 
 
 def write_report(

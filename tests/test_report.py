@@ -487,3 +487,33 @@ def test_a_population_run_is_its_members_with_their_mean(tmp_path, capsys):
     # Step 30: member 0 is at 500, member 1 at 4 x 30 = 120.
     assert mean[2] == 310.0 and std[2] == 190.0
     assert report.member_mean(runs[:1]) is None
+
+
+def test_two_populations_means_differ_in_dash_and_name(tmp_path, monkeypatch):
+    """Two populations in one eval.png: each mean is a black line with its own dash, labelled
+    with its run directory's name (before, both were solid and labelled (1) and (2))."""
+    groups = []
+    for name, scale in (("pbt", 1.0), ("plain", 3.0)):
+        for m in ("member_00", "member_01"):
+            write_metrics(tmp_path / name / m, synthetic(reach_at=None, scale=scale))
+        groups.append([report.load_run(tmp_path / name / m) for m in ("member_00", "member_01")])
+    seen = {}
+    monkeypatch.setattr(report, "_save", lambda fig, canvas, path: seen.setdefault("fig", fig))
+    assert report.plot_eval([r for g in groups for r in g], Path("unused.png"), populations=groups)
+    ax_env = seen["fig"].axes[0]
+    means = {ln.get_label(): ln.get_linestyle() for ln in ax_env.lines if ln.get_color() == "black"}
+    assert means == {"pbt: mean of 2 members": "-", "plain: mean of 2 members": "--"}
+    # Two populations of the same directory name are told apart by their paths.
+    names = report.population_names([[report.load_run(tmp_path / "pbt" / "member_00")]] * 2)
+    assert names == [str(tmp_path / "pbt")] * 2
+
+
+def test_runs_sharing_a_name_are_labelled_by_the_shortest_tail_that_differs(tmp_path):
+    p = tmp_path
+    assert report.short_names([p / "a", p / "b"]) == ["a", "b"]
+    assert report.short_names([p / "pbt" / "member_00", p / "plain" / "member_00"]) == [
+        "pbt/member_00",
+        "plain/member_00",
+    ]
+    names = report.short_names([p / "s1" / "x" / "m", p / "s2" / "x" / "m", p / "y"])
+    assert names == ["s1/x/m", "s2/x/m", "y"]
