@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from benchmarks.throughput import MODES, _commit, measure
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             sequence_length=t, plain_ms=ms[False], data_parallel_ms=ms[True],
             plain=runs[False], data_parallel=runs[True], overhead=ms[True] / ms[False] - 1,
         ))  # fmt: skip
+        if d.rank == 0 and args.json:  # after every mode: a run cut short keeps what it measured
+            _save(args, records)
     d = distributed.current()
     if d.rank == 0:
         print(f"{'mode':<12}{'ranks':>6}{'B x T/rank':>12}{'plain ms':>10}{'dist ms':>10}"
@@ -72,15 +75,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['mode']:<12}{r['world_size']:>6}{f'{b}x{t}':>12}"
                   f"{r['plain_ms']:>10.1f}{r['data_parallel_ms']:>10.1f}"
                   f"{100 * r['overhead']:>9.1f}%")  # fmt: skip
-        if args.json:
-            import time
-
-            name = records[0]["plain"][0]["device_name"] if records else None
-            meta = dict(config=args.config, overrides=args.overrides, commit=_commit(),
-                        date=time.strftime("%Y-%m-%d %H:%M:%S"), device_name=name)  # fmt: skip
-            with open(args.json, "w") as f:
-                json.dump(dict(meta, records=records), f, indent=1)
     distributed.shutdown()
+
+
+def _save(args: argparse.Namespace, records: list[dict]) -> None:
+    import time
+
+    name = records[0]["plain"][0]["device_name"] if records else None
+    meta = dict(config=args.config, overrides=args.overrides, commit=_commit(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), device_name=name)  # fmt: skip
+    tmp = f"{args.json}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(meta, records=records), f, indent=1)
+    os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

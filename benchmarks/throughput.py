@@ -427,12 +427,35 @@ def main(argv: list[str] | None = None) -> None:
         return json.loads(out.strip().splitlines()[-1])
 
     records = []
+
+    def save() -> None:  # after every record: a run stopped by a time limit keeps what it measured
+        if not args.json:
+            return
+        import torch
+
+        meta = dict(
+            config=args.config,
+            overrides=args.overrides,
+            date=time.strftime("%Y-%m-%d %H:%M:%S"),
+            commit=_commit(),
+            torch=torch.__version__,
+            python=platform.python_version(),
+            machine=platform.node(),
+            device_name=records[0]["device_name"] if records else None,
+        )
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+        tmp.replace(path)
+
     for (b, t), mode in ((s, m) for s in shapes for m in modes):
         for k in sizes:
             rec = result(launch(mode, b, t, k), f"{mode} {b}x{t} K={k}")
             if rec is None:
                 continue
             records.append(rec)
+            save()
             print(
                 f"{mode} {b}x{t} K={k}: {rec['ms_per_update']:.1f} ms/update",
                 file=sys.stderr,
@@ -459,27 +482,14 @@ def main(argv: list[str] | None = None) -> None:
                 each=each,
             )
             records.append(rec)
+            save()
             print(
                 f"{what}: {rec['agent_updates_per_sec']:.2f} agent-updates/s together",
                 file=sys.stderr,
                 flush=True,
             )
     print(_table(records))
-    if args.json:
-        import torch
-
-        meta = dict(
-            config=args.config,
-            overrides=args.overrides,
-            date=time.strftime("%Y-%m-%d %H:%M:%S"),
-            commit=_commit(),
-            torch=torch.__version__,
-            python=platform.python_version(),
-            machine=platform.node(),
-            device_name=records[0]["device_name"] if records else None,
-        )
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    save()
 
 
 if __name__ == "__main__":

@@ -320,7 +320,9 @@ def test_torchrun_on_cuda_with_graphs_trains(tmp_path):
     gradient all-reduce and return all-gather inside."""
     n = torch.cuda.device_count()
     run = tmp_path / "run"
+    # gymnasium's envs: the GPU machine has no envpool
     sets = ["general.device=cuda", "general.cuda_graphs=true", "train.max_train_steps=12"]
+    sets.append("env.backend=gymnasium")
     p = torchrun("--config", "configs/tiny.toml", "--run-dir", str(run),
                  *[x for s in sets for x in ("--set", s)], nproc=n)  # fmt: skip
     out, err = p.communicate(timeout=600)
