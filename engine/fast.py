@@ -105,11 +105,17 @@ class Learner:
     def step(self, train_behavior: bool) -> dict[str, Tensor]:
         if not self.use_graphs:
             return self._run(train_behavior)
-        if train_behavior not in self.graphs:
-            self.graphs[train_behavior] = self._capture(train_behavior)
+        self.capture(train_behavior)
         graph, out = self.graphs[train_behavior]
         graph.replay()
         return out
+
+    def capture(self, train_behavior: bool) -> None:
+        """Capture this phase's update graph now, if not yet: the agent's state is left as it was
+        (no update applied). step() captures on first use and then replays once; a test that
+        compares a graphed update with an eager one captures first, so both apply one update."""
+        if train_behavior not in self.graphs:
+            self.graphs[train_behavior] = self._capture(train_behavior)
 
     def _run(self, train_behavior: bool) -> dict[str, Tensor]:
         with nvtx_range("replay/sample"):

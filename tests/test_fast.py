@@ -177,14 +177,16 @@ def test_cuda_graph_update_matches_eager_and_never_syncs():
         replays.append(r)
     eager = fast.Learner(agent, replays[0], 4, 6, fast.FastOptions())
     graphed = fast.Learner(agent2, replays[1], 4, 6, opts2)
-    graphed.step(True)  # capture (its warm-up updates are undone)
+    graphed.capture(True)  # capture only: its warm-up updates are undone, none is applied
     torch.manual_seed(7)
     m1 = eager.step(True)
-    torch.manual_seed(7)
+    torch.manual_seed(7)  # a replayed graph draws from the generator as the eager ops do
     torch.cuda.set_sync_debug_mode("error")
     try:
-        m2 = graphed.step(True)
-        m2 = graphed.step(True)
+        first = {k: v.clone() for k, v in graphed.step(True).items()}  # the next replay
+        m2 = graphed.step(True)  # overwrites the graph's outputs
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    for k in ("wm_loss", "image_loss", "reward_loss", "continue_loss", "critic_loss"):
+        torch.testing.assert_close(first[k], m1[k], atol=1e-4, rtol=1e-4, msg=k)
     assert torch.isfinite(m2["wm_loss"]) and torch.isfinite(m1["wm_loss"])
