@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from pathlib import Path
 
 from benchmarks.throughput import MODES, _commit, measure
+from engine.checkpoint import atomic_write
 from engine.config import ConfigError, add_set_option, load_config
 
 
@@ -84,10 +85,8 @@ def _save(args: argparse.Namespace, records: list[dict]) -> None:
     name = records[0]["plain"][0]["device_name"] if records else None
     meta = dict(config=args.config, overrides=args.overrides, commit=_commit(),
                 date=time.strftime("%Y-%m-%d %H:%M:%S"), device_name=name)  # fmt: skip
-    tmp = f"{args.json}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(meta, records=records), f, indent=1)
-    os.replace(tmp, args.json)
+    text = json.dumps(dict(meta, records=records), indent=1)
+    atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
 
 
 if __name__ == "__main__":

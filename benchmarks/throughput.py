@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         import torch
 
+        from engine.checkpoint import atomic_write
+
         meta = dict(
             config=args.config,
             overrides=args.overrides,
@@ -443,11 +445,8 @@ def main(argv: list[str] | None = None) -> None:
             machine=platform.node(),
             device_name=records[0]["device_name"] if records else None,
         )
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-        tmp.replace(path)
+        text = json.dumps(dict(meta=meta, records=records), indent=1)
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
 
     for (b, t), mode in ((s, m) for s in shapes for m in modes):
         for k in sizes:

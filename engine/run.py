@@ -172,11 +172,12 @@ def _main(argv: list[str] | None = None) -> None:
 def _resume_command(run_dir: Path) -> str:
     """The command that continues this run: under torchrun, with the same number of ranks (a
     checkpoint resumed with another world size is refused)."""
+    from engine.envs import local_ranks
+
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return f"python -m engine.run --resume {run_dir}"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
-    if local == world:
+    if local_ranks() == world:
         return f"torchrun --standalone --nproc_per_node {world} -m engine.run --resume {run_dir}"
     return f"torchrun (the same {world} ranks) -m engine.run --resume {run_dir}"
 
