@@ -3,10 +3,14 @@
 # minutes: trains configs/lunarlander_d64_gpu.toml for BUDGET seconds of wall time (default 420),
 # then writes into $OUT (at most 8 files, the device tool's limit):
 #   run.log          everything printed (eval lines: "step N env_steps M: eval return R ...")
-#   metrics.jsonl    the run's metrics, for `python -m engine.report` here
-#   config.toml      the resolved config it ran
-#   eval.png, losses.png, behavior.png, summary.txt   python -m engine.report of the run
-#   reeval.json      python -m engine.evaluate of its best.pt on 30 fresh episodes (90 s at most)
+#   run.tar.gz       the run directory without its checkpoints (config.toml, metrics.jsonl, and
+#                    with POP > 1 population.md/.csv and member_*/), for `python -m engine.report` here
+#   eval.png, losses.png, behavior.png, ends.png, summary.txt   python -m engine.report of the run
+#   reeval.json      python -m engine.evaluate of its best.pt on 30 fresh episodes (90 s at most;
+#                    with POP > 1 one record per member, {"member_00": {...}, ...})
+# POP (default 3) trains that many seeds (general.seed .. + POP-1) as one population: stacked
+# weights, one update, one CUDA graph (README, "Populations"), so every seed's curve comes from
+# one device run for about the cost of one seed. POP=1 trains a single agent as before.
 # envpool is too big to carry, so the envs are gymnasium's, one worker process per env
 # (env.processes) on the machine's 16 cores. If the fast run fails in its first 3 minutes (the CUDA
 # graphs or compile path has never run on this machine before), the rest of the budget goes to a
@@ -18,6 +22,7 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu_lunarlander_$(date +%F)}
 BUDGET=${BUDGET:-420}
 CONFIG=${CONFIG:-configs/lunarlander_d64_gpu.toml}
+POP=${POP:-3}
 mkdir -p "$OUT"
 RUNS=$(mktemp -d /tmp/gpu_lunarlander.XXXX)  # fresh run dirs, also when run again on a warm machine
 export PYTHONUNBUFFERED=1
@@ -28,6 +33,7 @@ py=python3
 $py -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 git rev-parse --short HEAD 2>/dev/null || true
 envs=(--set env.backend=gymnasium --set env.processes=true --set general.threads=4)
+if [ "$POP" -gt 1 ]; then envs+=(--population "$POP"); fi
 
 attempt() {  # attempt NAME [--set ...]: train until the budget is spent; echo the exit status
   local name=$1 left
@@ -54,10 +60,25 @@ if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 130 ] && [ $(($(date +%s) - sta
 fi
 echo "=== $ran run ended with exit status $rc after $(($(date +%s) - start)) s"
 run=$RUNS/$ran
-cp "$run/metrics.jsonl" "$run/config.toml" "$OUT/" 2>/dev/null
+tar -czf "$OUT/run.tar.gz" -C "$RUNS" --exclude=checkpoints "$ran" 2>/dev/null ||
+  echo "=== no run directory to pack"
 $py -m engine.report "$run" --out "$OUT" --target 200 || true
 # The run's config.toml holds the gymnasium worker-process envs it trained with.
-timeout -k 10 90 $py -m engine.evaluate "$run" --episodes 30 --json "$OUT/reeval.json" ||
-  echo "=== engine.evaluate did not finish"
+if [ "$POP" -gt 1 ]; then
+  for m in "$run"/member_*; do
+    timeout -k 10 $((90 / POP + 10)) $py -m engine.evaluate "$m" --episodes 30 \
+      --json "$RUNS/reeval_$(basename "$m").json" || echo "=== engine.evaluate of $m did not finish"
+  done
+  $py - "$RUNS" "$OUT/reeval.json" <<'PY'
+import json, pathlib, sys
+runs, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+merged = {p.stem[len("reeval_"):]: json.loads(p.read_text()) for p in sorted(runs.glob("reeval_*.json"))}
+out.write_text(json.dumps(merged, indent=1))
+print("reeval:", {k: round(v["mean"], 1) for k, v in merged.items()})
+PY
+else
+  timeout -k 10 90 $py -m engine.evaluate "$run" --episodes 30 --json "$OUT/reeval.json" ||
+    echo "=== engine.evaluate did not finish"
+fi
 grep "eval return" "$OUT/run.log" | tail -n 3
 ls -la "$OUT"
