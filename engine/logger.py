@@ -74,8 +74,9 @@ class Progress:
         self.bar.set_postfix(fields, refresh=False)
         self.bar.refresh()
 
-    def write(self, text: str) -> None:
-        if not self.lines:
+    def write(self, text: str, every_rank: bool = False) -> None:
+        """`every_rank`: printed by a torchrun rank other than 0 too (a rare event of its own)."""
+        if not self.lines and not every_rank:
             return
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)

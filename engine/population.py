@@ -609,13 +609,18 @@ class PopulationTrainer(Trainer):
         if mc["status"] != "training":
             return
         mc.update(status=status, reason=reason, stopped_step=self.counters["step"])
+        # Its weights stop here: every later checkpoint of it says so (engine.evaluate's step,
+        # the env steps and wall time it took), not the step the population was saved at.
+        mc["stopped_counters"] = dict(self.counters, wall_time=self._wall_time())
         self.agent.freeze(k)
         kind = {"failed": "health", "solved": "solved", "early stop": "early_stop"}[status]
         self._member_write(k, kind, reason=reason, **values)
         self._record("member_stopped", member=self.first + k, status=status, reason=reason)
+        # Every rank's line: under torchrun a member trained on rank 1 stops in rank 1 only.
         self.progress.write(
             f"member {self.first + k}: {status} at step {self.counters['step']}: {reason}"
-            + ("; the others train on" if status == "failed" else "")
+            + ("; the others train on" if status == "failed" else ""),
+            every_rank=True,
         )
         if any(m["status"] == "training" for m in self.member_counters):
             return
@@ -856,7 +861,7 @@ class PopulationTrainer(Trainer):
             self._stop_member(k, "failed", "non-finite parameters")
             return 0
         mc = self.member_counters[k]
-        counters = dict(self.counters, wall_time=self._wall_time())
+        counters = mc.get("stopped_counters") or dict(self.counters, wall_time=self._wall_time())
         counters.update({key: mc[key] for key in SINGLE_RUN_COUNTERS})
         payload = dict(
             agent=agent,
@@ -999,4 +1004,5 @@ def _member_counters() -> dict:
         status="training",
         reason="",
         stopped_step=None,
+        stopped_counters=None,  # the counters at the stop, for its later checkpoints
     )

@@ -388,6 +388,45 @@ def test_a_replay_that_cannot_fit_is_refused_before_training(tmp_path):
     assert not (tmp_path / "pop" / "metrics.jsonl").exists()
 
 
+def test_a_solved_member_keeps_the_counters_of_its_stop_in_later_checkpoints(tmp_path, monkeypatch):
+    """Member 0 solves at the first evaluation (step 6) and is frozen; the population trains on to
+    step 12. Its latest.pt holds the weights of step 6 and must say step 6 (and that step's env
+    steps), so engine.evaluate and a report of the time to solve name the step it stopped at."""
+    from engine import checkpoint, population
+
+    cfg = load_config("configs/tiny.toml", ["population.size=2", "env.image=false",
+                                            "train.max_train_steps=12", "log.eval_every=6",
+                                            "train.stop_solved_evals=1"])  # fmt: skip
+    tr = population.PopulationTrainer(cfg, tmp_path / "pop")
+    first = tr.member_counters[0]
+    solve_first = lambda cfg, ret, c: "solved in the test" if c is first else None  # noqa: E731
+    monkeypatch.setattr(population, "solved_reason", solve_first)
+    try:
+        tr.run()
+    finally:
+        tr.close()
+    load = lambda k: checkpoint.load(  # noqa: E731
+        tmp_path / "pop" / f"member_{k:02d}" / "checkpoints" / "latest.pt", torch.device("cpu")
+    )
+    solved, other = load(0), load(1)
+    (record,) = lines(tmp_path / "pop" / "member_00" / "metrics.jsonl", "solved")
+    assert solved["counters"]["step"] == record["step"] == 6
+    assert solved["counters"]["env_steps"] == record["env_steps"] < other["counters"]["env_steps"]
+    assert other["counters"]["step"] == 12
+    assert solved["counters"]["wall_time"] < other["counters"]["wall_time"]
+    assert "solved (solved in the test)" in (tmp_path / "pop" / "population.md").read_text()
+
+
+def test_a_rank_other_than_0_still_prints_its_members_stops(capsys):
+    """Under torchrun only rank 0 prints progress; a member stopping on rank 1 is said by rank 1."""
+    from engine.logger import Progress
+
+    quiet = Progress(10, 0, enabled=True, lines=False)  # what a rank other than 0 holds
+    quiet.write("step 6: eval return 1.0")
+    quiet.write("member 3: solved at step 6: ...", every_rank=True)
+    assert capsys.readouterr().err == "member 3: solved at step 6: ...\n"
+
+
 # ---- Population-based training ------------------------------------------------------------------
 
 
