@@ -555,6 +555,7 @@ class PopulationTrainer(Trainer):
         self.member_logs = [MetricsLog(d / "metrics.jsonl") for d in self.member_dirs]
         self.member_lrs = [effective_lrs(m.train) for m in self.member_cfgs]
         self._rank_done = ""  # under torchrun: "stopped" or "failed" once no member here trains
+        self._stops: list[dict] = []  # member_stopped records not yet in the run's metrics
         if self.dreams:
             self.dreams = False
             self.progress.write("note: log.dream_video: no dream videos in a population run")
@@ -615,7 +616,9 @@ class PopulationTrainer(Trainer):
         self.agent.freeze(k)
         kind = {"failed": "health", "solved": "solved", "early stop": "early_stop"}[status]
         self._member_write(k, kind, reason=reason, **values)
-        self._record("member_stopped", member=self.first + k, status=status, reason=reason)
+        self._stops.append(
+            self._fields("member_stopped", member=self.first + k, status=status, reason=reason)
+        )
         # Every rank's line: under torchrun a member trained on rank 1 stops in rank 1 only.
         self.progress.write(
             f"member {self.first + k}: {status} at step {self.counters['step']}: {reason}"
@@ -636,6 +639,14 @@ class PopulationTrainer(Trainer):
             + ")"
         )
         self.stop_kind = "all members stopped"
+
+    def _flush_stops(self) -> None:
+        """The job's member stops into the run's metrics.jsonl, which rank 0 writes: a member
+        stopped on another rank reaches it here, at the next log line, evaluation or summary
+        (points every rank passes in step)."""
+        stops, self._stops = self._stops, []
+        for record in self._job(stops):
+            self._write(record)
 
     def _flags(self) -> tuple[bool, ...]:
         return bool(self._rank_done), self._rank_done == "failed"
@@ -696,6 +707,7 @@ class PopulationTrainer(Trainer):
             reason = early_stop_reason(self.cfg.train, wm_loss, mc, c["step"])
             if reason is not None:
                 self._stop_member(k, "early stop", reason)
+        self._flush_stops()
 
     def _check_member_health(self, k: int, means: dict[str, float]) -> None:
         found = unhealthy(means, self.cfg.train.max_abs_dream_value)
@@ -810,6 +822,7 @@ class PopulationTrainer(Trainer):
             reason = solved_reason(self.cfg, mc["last_eval"], mc)
             if reason is not None:
                 self._stop_member(k, "solved", reason, eval_return=mc["last_eval"])
+        self._flush_stops()
         # The job's: every rank's members (in one process, this population).
         evals, bests = zip(*self._job(zip(evals, (m["best_eval"] for m in self.member_counters))))
         self.last_eval = float(np.mean(evals))
@@ -948,6 +961,7 @@ class PopulationTrainer(Trainer):
     def write_summary(self) -> None:
         """population.csv and population.md: each member's seed, grid settings, status, last and
         best eval, and the mean +- std over the members."""
+        self._flush_stops()
         rows = []
         for k, (member, mc) in enumerate(zip(self.member_cfgs, self.member_counters)):
             row = {"member": member_dir_name(self.first + k), "seed": member.general.seed}

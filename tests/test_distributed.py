@@ -264,6 +264,23 @@ def _ranks(parent: int) -> dict[int, int]:
     return out
 
 
+def test_a_member_stopped_on_rank_1_is_said_and_recorded_by_the_job(tmp_path):
+    """Member 1 (on rank 1) diverges: rank 1 prints its line, rank 0 writes its member_stopped
+    record into the run's metrics.jsonl, and member 0 trains on to the end."""
+    run = tmp_path / "pop"
+    grid = 'population.grid={"train.vector_scale" = [1.0, 1e38]}'
+    p = torchrun("--config", "configs/tiny.toml", "--population", "2", "--run-dir", str(run),
+                 "--set", grid, "--set", "env.image=false")  # fmt: skip
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    assert "member 1: failed" in err, err[-2000:]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (stop,) = [r for r in records if r["type"] == "member_stopped"]
+    assert stop["member"] == 1 and stop["status"] == "failed"
+    train = [r for r in records if r["type"] == "train"]
+    assert train[-1]["step"] == 12 and train[-1]["members_training"] == 1
+
+
 def test_a_killed_rank_ends_the_job_with_one_line_and_an_intact_checkpoint(tmp_path):
     run = tmp_path / "run"
     long_run = ["--set", "train.max_train_steps=100000", "--set", "log.checkpoint_every=20"]
