@@ -925,10 +925,11 @@ class PopulationTrainer(Trainer):
         for member, d in zip(self.member_cfgs, self.member_dirs):
             save_toml(member, d / "config.toml")
             truncate_metrics(d / "metrics.jsonl", step)
-        stopped = sum(m["status"] != "training" for m in self.member_counters)
+        # The job's members (under torchrun, every rank's), as the eval lines count them.
+        stopped = self._job([m["status"] != "training" for m in self.member_counters])
         self.progress.write(
             f"resumed {path} at step {step}, env steps {self.counters['env_steps']} "
-            f"({self.members} members, {stopped} stopped)"
+            f"({len(stopped)} members, {sum(stopped)} stopped)"
         )
 
     def _restore_pbt_settings(self, saved: list[dict]) -> None:

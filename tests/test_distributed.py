@@ -234,6 +234,7 @@ def test_torchrun_splits_a_population_over_the_ranks_with_pbt_across_them(tmp_pa
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-2000:]
     assert "done" in out and "10 updates" in out
+    assert "(2 members, 0 stopped)" in err  # the job's members, not rank 0's
     assert load_config(run / member / "config.toml").train.actor_lr == pytest.approx(lr)
     # Without torchrun: one line, exit 2. A population that does not split: one line, exit 2.
     before = (run / "checkpoints/population.pt").read_bytes()
