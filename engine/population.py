@@ -30,6 +30,7 @@ import csv
 import dataclasses
 import functools
 import math
+import os
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -841,7 +842,14 @@ class PopulationTrainer(Trainer):
     def _checkpoint(self, name: str) -> int:
         """checkpoints/population.pt (and replay.pt) in the run directory, and each member's
         `name`.pt in its own directory but a failed one's. A member whose state is not finite
-        is stopped (its last good checkpoint kept) instead of ending the run."""
+        is stopped (its last good checkpoint kept) instead of ending the run.
+
+        The set that resumes (members' latest.pt, replay.pt, population.pt) is written in two
+        phases: the members' files as latest.pt.next, then replay.pt and population.pt, then
+        each .next renamed over latest.pt. A process killed while the set is written (torchrun
+        gives its ranks 30 s after a Ctrl-C before SIGKILL; this population's set takes ~15 s
+        here) leaves the previous set whole: _restore drops .next files that population.pt
+        does not name and completes the renames of those it does."""
         if self._acc:  # updates since the last log line are checked first
             means = self._means()
             for k, mc in enumerate(self.member_counters):
@@ -852,7 +860,7 @@ class PopulationTrainer(Trainer):
             # A solved or early-stopped member's final weights are saved too; a failed one
             # keeps its last good checkpoint.
             if mc["status"] != "failed":
-                size += self._checkpoint_member(k, name)
+                size += self._checkpoint_member(k, name, staged=name == "latest")
         if name == "latest":
             self._save_replay()
             state = dict(
@@ -865,10 +873,28 @@ class PopulationTrainer(Trainer):
                 member_configs=[to_dict(m) for m in self.all_member_cfgs],
             )
             size += checkpoint.save(self._population_path(), state)
+            self._commit_members(self.counters["step"])
             self.saved_step[name] = self.counters["step"]
         return size
 
-    def _checkpoint_member(self, k: int, name: str) -> int:
+    def _commit_members(self, step: int) -> None:
+        """Each member's latest.pt.next written for population step `step` becomes its
+        latest.pt; one written for another step (a set that was never completed) is dropped."""
+        for d in self.member_dirs:
+            staged = d / "checkpoints" / "latest.pt.next"
+            if not staged.is_file():
+                continue
+            try:
+                saved_at = torch.load(staged, map_location="cpu", mmap=True,
+                                      weights_only=False).get("saved_at")  # fmt: skip
+            except Exception:
+                saved_at = None  # cut off by a kill: never part of a completed set
+            if saved_at == step:
+                os.replace(staged, d / "checkpoints" / "latest.pt")
+            else:
+                staged.unlink()
+
+    def _checkpoint_member(self, k: int, name: str, staged: bool = False) -> int:
         agent, optim = self.agent.member_state(k)
         if not all(v.isfinite().all() for v in agent.values() if v.is_floating_point()):
             self._stop_member(k, "failed", "non-finite parameters")
@@ -883,7 +909,11 @@ class PopulationTrainer(Trainer):
             rng=checkpoint.rng_state(),
             config=to_dict(self.member_cfgs[k]),
         )
-        return checkpoint.save(self.member_dirs[k] / "checkpoints" / f"{name}.pt", payload)
+        path = self.member_dirs[k] / "checkpoints" / f"{name}.pt"
+        if staged:  # part of the resume set: latest.pt once population.pt is written
+            payload["saved_at"] = self.counters["step"]
+            path = path.with_name(f"{name}.pt.next")
+        return checkpoint.save(path, payload)
 
     def _population_path(self) -> Path:
         """This rank's counters, members' status and RNG: population.pt, population.rank<r>.pt."""
@@ -902,6 +932,7 @@ class PopulationTrainer(Trainer):
             )
         if self.cfg.population.pbt.every and "member_configs" in state:
             self._restore_pbt_settings(state["member_configs"])
+        self._commit_members(state["counters"]["step"])  # a set cut off by a kill
         for k, d in enumerate(self.member_dirs):
             member_path = d / "checkpoints" / "latest.pt"
             if not member_path.is_file():

@@ -417,6 +417,65 @@ def test_a_solved_member_keeps_the_counters_of_its_stop_in_later_checkpoints(tmp
     assert "solved (solved in the test)" in (tmp_path / "pop" / "population.md").read_text()
 
 
+@pytest.mark.parametrize("killed", ["before population.pt", "before the renames"])
+def test_a_population_killed_while_checkpointing_resumes_from_a_whole_set(
+    tmp_path, monkeypatch, killed
+):
+    """The set saved at step 6 is whole; the one at step 12 is cut off by a 'kill' (an exception
+    out of the save). Killed before population.pt: resume at 6 with the members' step-6 weights
+    (their step-12 files dropped). Killed after it, before the renames: resume at 12 with the
+    members' step-12 weights (the renames completed). Never one step's counters with the
+    other's weights."""
+    from engine import checkpoint, population
+
+    run = tmp_path / "pop"
+    sets = ["population.size=2", "env.image=false", "train.max_train_steps=12",
+            "log.checkpoint_every=6"]  # fmt: skip
+    tr = population.PopulationTrainer(load_config("configs/tiny.toml", sets), run)
+    save, commit = checkpoint.save, population.PopulationTrainer._commit_members
+
+    class Killed(Exception):
+        pass
+
+    def kill_save(path, payload):
+        if path.name == "population.pt" and tr.counters["step"] == 12:
+            raise Killed
+        return save(path, payload)
+
+    def kill_commit(self, step):
+        if step == 12:
+            raise Killed
+        commit(self, step)
+
+    if killed == "before population.pt":
+        monkeypatch.setattr(checkpoint, "save", kill_save)
+    else:
+        monkeypatch.setattr(population.PopulationTrainer, "_commit_members", kill_commit)
+    try:
+        with pytest.raises(Killed):
+            tr.run()
+    finally:
+        tr.close()
+    monkeypatch.undo()
+    member = lambda k, f: run / f"member_{k:02d}" / "checkpoints" / f  # noqa: E731
+    read = lambda path: torch.load(path, weights_only=False)  # noqa: E731
+    assert all(read(member(k, "latest.pt.next"))["saved_at"] == 12 for k in (0, 1))
+    assert all(read(member(k, "latest.pt"))["counters"]["step"] == 6 for k in (0, 1))
+    staged = read(member(0, "latest.pt.next"))["agent"]
+    back = population.PopulationTrainer(load_config(run / "config.toml"), run, resume=True)
+    try:
+        expect = 6 if killed == "before population.pt" else 12
+        assert back.counters["step"] == expect
+        for k in (0, 1):
+            assert not member(k, "latest.pt.next").exists()
+            assert read(member(k, "latest.pt"))["counters"]["step"] == expect
+        weights, _ = back.agent.member_state(0)
+        name = "behavior.actor.out.weight"
+        assert torch.equal(weights[name], staged[name]) == (expect == 12)
+    finally:
+        back.close()
+
+
 def test_a_rank_other_than_0_still_prints_its_members_stops(capsys):
     """Under torchrun only rank 0 prints progress; a member stopping on rank 1 is said by rank 1."""
     from engine.logger import Progress
