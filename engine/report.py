@@ -289,7 +289,9 @@ def summarize(run: Run, target: float | None = None) -> str:
     env_steps = max((num(r.get("env_steps")) for r in recs), default=math.nan)
     wall = _last(run.train, "wall_time")
     lines = [f"run {run.path} ({run.label})"]
-    rate = steps / wall if wall > 0 else math.nan
+    # The rate of the last train line's own step: a member stopped in a population keeps
+    # evaluation and episode lines after its last train line, and its wall time ends there.
+    rate = _last(run.train, "step") / wall if wall > 0 else math.nan
     lines.append(
         f"  steps {_fmt(steps)}, env steps {_fmt(env_steps)}, wall time {wall:.1f} s, "
         f"{rate:.3g} steps/s"

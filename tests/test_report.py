@@ -82,6 +82,18 @@ def run_main(args: list, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def test_a_stopped_members_rate_is_its_own_up_to_its_stop(tmp_path, capsys):
+    """A population member solved at step 60 stops training (no train lines after it) but keeps
+    being evaluated and stepping its envs to step 100: its rate is 60 steps in its 60 s."""
+    recs = [r for r in synthetic(reach_at=30) if r["type"] != "train" or r["step"] <= 60]
+    recs.append(dict(type="solved", step=60, env_steps=600, reason="3 evaluations in a row"))
+    run = write_metrics(tmp_path / "member_00", recs)
+    code, stdout, err = run_main([run, "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert "steps 100, env steps 1,000, wall time 60.0 s, 1 steps/s" in stdout
+    assert "solved at step 60: 3 evaluations in a row" in stdout
+
+
 def test_two_runs_are_overlaid_and_summarised(tmp_path, capsys):
     a = write_metrics(tmp_path / "run_a", synthetic(reach_at=30))
     b = write_metrics(tmp_path / "run_b", synthetic(reach_at=None, scale=3.0))
