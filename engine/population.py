@@ -610,10 +610,10 @@ class PopulationTrainer(Trainer):
         mc = self.member_counters[k]
         if mc["status"] != "training":
             return
-        mc.update(status=status, reason=reason, stopped_step=self.counters["step"])
         # Its weights stop here: every later checkpoint of it says so (engine.evaluate's step,
         # the env steps and wall time it took), not the step the population was saved at.
-        mc["stopped_counters"] = dict(self.counters, wall_time=self._wall_time())
+        stopped = dict(self.counters, wall_time=self._wall_time())
+        mc.update(status=status, reason=reason, stopped_counters=stopped)
         self.agent.freeze(k)
         kind = {"failed": "health", "solved": "solved", "early stop": "early_stop"}[status]
         self._member_write(k, kind, reason=reason, **values)
@@ -847,9 +847,9 @@ class PopulationTrainer(Trainer):
         The set that resumes (members' latest.pt, replay.pt, population.pt) is written in two
         phases: the members' files as latest.pt.next, then replay.pt and population.pt, then
         each .next renamed over latest.pt. A process killed while the set is written (torchrun
-        gives its ranks 30 s after a Ctrl-C before SIGKILL; this population's set takes ~15 s
-        here) leaves the previous set whole: _restore drops .next files that population.pt
-        does not name and completes the renames of those it does."""
+        gives its ranks 30 s after a Ctrl-C before SIGKILL; the LunarLander population of 4
+        took 14-25 s here) leaves the previous set whole: _restore drops .next files that
+        population.pt does not name and completes the renames of those it does."""
         if self._acc:  # updates since the last log line are checked first
             means = self._means()
             for k, mc in enumerate(self.member_counters):
@@ -873,25 +873,31 @@ class PopulationTrainer(Trainer):
                 member_configs=[to_dict(m) for m in self.all_member_cfgs],
             )
             size += checkpoint.save(self._population_path(), state)
-            self._commit_members(self.counters["step"])
+            self._commit_members()
             self.saved_step[name] = self.counters["step"]
         return size
 
-    def _commit_members(self, step: int) -> None:
-        """Each member's latest.pt.next written for population step `step` becomes its
-        latest.pt; one written for another step (a set that was never completed) is dropped."""
+    def _staged(self) -> Iterator[Path]:
+        """The members' latest.pt.next files on disk."""
         for d in self.member_dirs:
-            staged = d / "checkpoints" / "latest.pt.next"
-            if not staged.is_file():
-                continue
+            if (staged := d / "checkpoints" / "latest.pt.next").is_file():
+                yield staged
+
+    def _commit_members(self) -> None:
+        """Each member's latest.pt.next becomes its latest.pt (population.pt is written)."""
+        for staged in self._staged():
+            os.replace(staged, staged.with_name("latest.pt"))
+
+    def _drop_uncommitted(self, step: int) -> None:
+        """On resume: a latest.pt.next written for another step than population.pt's belongs
+        to a set a kill cut off before population.pt; the previous set stays whole."""
+        for staged in list(self._staged()):
             try:
                 saved_at = torch.load(staged, map_location="cpu", mmap=True,
                                       weights_only=False).get("saved_at")  # fmt: skip
             except Exception:
-                saved_at = None  # cut off by a kill: never part of a completed set
-            if saved_at == step:
-                os.replace(staged, d / "checkpoints" / "latest.pt")
-            else:
+                saved_at = None  # unreadable: never part of a completed set
+            if saved_at != step:
                 staged.unlink()
 
     def _checkpoint_member(self, k: int, name: str, staged: bool = False) -> int:
@@ -932,7 +938,8 @@ class PopulationTrainer(Trainer):
             )
         if self.cfg.population.pbt.every and "member_configs" in state:
             self._restore_pbt_settings(state["member_configs"])
-        self._commit_members(state["counters"]["step"])  # a set cut off by a kill
+        self._drop_uncommitted(state["counters"]["step"])  # a set cut off by a kill
+        self._commit_members()  # one killed after population.pt, before its renames
         for k, d in enumerate(self.member_dirs):
             member_path = d / "checkpoints" / "latest.pt"
             if not member_path.is_file():
@@ -1049,6 +1056,5 @@ def _member_counters() -> dict:
         solved_streak=0,
         status="training",
         reason="",
-        stopped_step=None,
-        stopped_counters=None,  # the counters at the stop, for its later checkpoints
+        stopped_counters=None,  # the counters at the stop (its step...), for later checkpoints
     )
