@@ -8,13 +8,18 @@
 #   eval.png, losses.png, behavior.png, ends.png, summary.txt   python -m engine.report of the run
 #   reeval.json      python -m engine.evaluate of its best.pt on 30 fresh episodes (90 s at most;
 #                    with POP > 1 one record per member, {"member_00": {...}, ...})
-# POP (default 3) trains that many seeds (general.seed .. + POP-1) as one population: stacked
-# weights, one update, one CUDA graph (README, "Populations"), so every seed's curve comes from
-# one device run for about the cost of one seed. POP=1 trains a single agent as before.
+# POP (default 1) > 1 trains that many seeds (general.seed .. + POP-1) as one population: stacked
+# weights, one update, one CUDA graph (README, "Populations").
 # envpool is too big to carry, so the envs are gymnasium's, one worker process per env
-# (env.processes) on the machine's 16 cores. If the fast run fails in its first 3 minutes (the CUDA
-# graphs or compile path has never run on this machine before), the rest of the budget goes to a
-# run without graphs, and if that fails too, to an eager fp32 run; run.log says which ran.
+# (env.processes) on the machine's 16 cores. MODE (default graphs) picks the speed switches:
+#   graphs  CUDA graphs + bf16 without torch.compile. The second H200 run (POP=3, MODE=full,
+#           results/gpu_h200_2026-12-04b/) spent ~230 s of its 282 s compiling and made 100
+#           updates; a graph of eager kernels is captured in seconds, and the run is bound by the
+#           gymnasium envs anyway (1,249 env steps/s from 48 worker processes: 6.5 updates/s at
+#           POP=3, train_ratio 2), not by the update.
+#   full    the config's switches (compile + CUDA graphs + bf16): for budgets of 15 minutes or more.
+# If the first run fails in its first 3 minutes (a path never run on this machine), the rest of
+# the budget goes to an eager fp32 run; run.log says which ran.
 # Usage, from a machine with network (once): bash benchmarks/fetch_gpu_wheels.sh
 # then with the device tool:  carry [".whl"], command "bash benchmarks/gpu_lunarlander.sh",
 # timeout_s 590.
@@ -22,7 +27,8 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu_lunarlander_$(date +%F)}
 BUDGET=${BUDGET:-420}
 CONFIG=${CONFIG:-configs/lunarlander_d64_gpu.toml}
-POP=${POP:-3}
+POP=${POP:-1}
+MODE=${MODE:-graphs}
 mkdir -p "$OUT"
 RUNS=$(mktemp -d /tmp/gpu_lunarlander.XXXX)  # fresh run dirs, also when run again on a warm machine
 export PYTHONUNBUFFERED=1
@@ -44,19 +50,18 @@ attempt() {  # attempt NAME [--set ...]: train until the budget is spent; echo t
   timeout -s TERM -k 20 "$left" $py -m engine.run --config "$CONFIG" --run-dir "$RUNS/$name" \
     "${envs[@]}" "$@"
 }
-ran=fast
-attempt fast
+ran=$MODE
+if [ "$MODE" = graphs ]; then
+  attempt graphs --set general.compile=false
+else
+  attempt full
+fi
 rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 130 ] && [ $(($(date +%s) - start)) -lt 180 ]; then
-  ran=nographs
-  attempt nographs --set general.cuda_graphs=false
+  ran=eager
+  attempt eager --set general.cuda_graphs=false --set general.compile=false \
+    --set 'general.precision="fp32"' --set general.batched_wgrad=false
   rc=$?
-  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 130 ]; then
-    ran=eager
-    attempt eager --set general.cuda_graphs=false --set general.compile=false \
-      --set 'general.precision="fp32"' --set general.batched_wgrad=false
-    rc=$?
-  fi
 fi
 echo "=== $ran run ended with exit status $rc after $(($(date +%s) - start)) s"
 run=$RUNS/$ran

@@ -44,6 +44,14 @@ MODES = {
     "batched": ["general.batched_wgrad=true"],
     "compile_bf16": ["general.compile=true", "general.precision=bf16"],
     "cpu_fast": ["general.compile=true", "general.precision=bf16", "general.batched_wgrad=true"],
+    # The full mode without torch.compile: eager kernels captured in CUDA graphs. The second
+    # H200 run compiled a population of 32 (d256) for 278 s before its first update.
+    "graphs_bf16": [
+        "general.cuda_graphs=true",
+        "general.precision=bf16",
+        "general.kernels=triton",
+        "general.batched_wgrad=true",
+    ],
     "full": [
         "general.compile=true",
         "general.cuda_graphs=true",
@@ -107,7 +115,7 @@ def measure(
     data_parallel: bool = False,
 ) -> dict:
     """One mode at one shape, in this process, with `extra` --set overrides. With `trace_dir`,
-    five more updates are then recorded by torch.profiler into TRACE_DIR/trace_MODE_BxT.json
+    five more updates are then recorded by torch.profiler into TRACE_DIR/trace_MODE_BxT[_kK].json
     (profiling/summarize.py). `population` K > 1: the update of K agents in one
     (engine.population; B x T per member), K = 1 the single agent's. `data_parallel` (under
     torchrun): the update of engine.distributed, B x T per rank (benchmarks/distributed.py)."""
@@ -182,7 +190,8 @@ def measure(
                 learner.step(True)
             sync()
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(Path(trace_dir) / f"trace_{mode}_{batch}x{length}.json"))
+        k = f"_k{population}" if population > 1 else ""
+        prof.export_chrome_trace(str(Path(trace_dir) / f"trace_{mode}_{batch}x{length}{k}.json"))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
         name = torch.cuda.get_device_name()
@@ -347,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--trace-dir",
-        help="also record 5 updates per run with torch.profiler: DIR/trace_MODE_BxT.json",
+        help="also record 5 updates per run with torch.profiler: DIR/trace_MODE_BxT[_kK].json",
     )
     add_set_option(p, "config override for every measurement (e.g. train.optimizer=laprop)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "mode,B,T" in this process

@@ -255,6 +255,19 @@ class GymnasiumVecEnv(VecEnv):
     def _render_native(self) -> np.ndarray:
         return np.stack(self._env.call("render_small", self.image_size))
 
+    def close(self) -> None:
+        try:
+            self._env.close()
+        except (BrokenPipeError, EOFError, ConnectionResetError):
+            # The worker processes are already gone: a signal to the whole process group (GNU
+            # timeout, Ctrl-C in a shell) ends them too, and gymnasium's close then writes to a
+            # dead pipe. End what is left, without another traceback over the run's own exit.
+            for proc in self._env.processes:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
+            self._env.closed = True
+
 
 def _make_small_render_env(task: str, kwargs: dict, in_worker: bool):
     """One gymnasium env whose `render_small(S)` gives its frame shrunk to S x S: in a worker

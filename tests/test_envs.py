@@ -212,6 +212,20 @@ def test_worker_processes_give_the_same_episodes(make, task):
     assert a[-1]["image"].std() > 0
 
 
+def test_closing_worker_envs_whose_processes_were_killed_does_not_raise():
+    # A SIGTERM to the process group (GNU timeout on the H200 machine) killed the workers first;
+    # close() then raised BrokenPipeError over the run's own exit message.
+    pytest.importorskip("gymnasium")
+    env = make_env("CartPole-v1", "gymnasium", 2, seed=0, processes=True)
+    env.reset()
+    procs = env._env.processes
+    for proc in procs:
+        proc.kill()
+        proc.join()
+    env.close()
+    assert not any(proc.is_alive() for proc in procs) and env._env.closed
+
+
 def test_worker_processes_need_gymnasium():
     with pytest.raises(EnvError, match="gymnasium backend"):
         make_env("CartPole-v1", "envpool", 2, seed=0, processes=True)

@@ -301,7 +301,8 @@ def test_gpu_population_cuda_graph_matches_eager_and_never_syncs():
         got = graphed.step(True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    for name in ("wm_loss", "image_loss", "reward_loss", "continue_loss"):
+    # env.image=false: a vector loss, no image loss (the second H200 run failed on that key).
+    for name in ("wm_loss", "vector_loss", "reward_loss", "continue_loss", "critic_loss"):
         torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
