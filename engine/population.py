@@ -845,11 +845,12 @@ class PopulationTrainer(Trainer):
         is stopped (its last good checkpoint kept) instead of ending the run.
 
         The set that resumes (members' latest.pt, replay.pt, population.pt) is written in two
-        phases: the members' files as latest.pt.next, then replay.pt and population.pt, then
-        each .next renamed over latest.pt. A process killed while the set is written (torchrun
+        phases: the members' files as latest.pt.next, then replay.pt and population.pt.next,
+        then (under torchrun once every rank has written its set) population.pt.next and each
+        member's .next renamed into place. A process killed while the set is written (torchrun
         gives its ranks 30 s after a Ctrl-C before SIGKILL; the LunarLander population of 4
-        took 14-25 s here) leaves the previous set whole: _restore drops .next files that
-        population.pt does not name and completes the renames of those it does."""
+        took 14-25 s here) leaves the previous set whole, on every rank: _restore resumes the
+        latest step whose set every rank holds, committed or staged, and drops the rest."""
         if self._acc:  # updates since the last log line are checked first
             means = self._means()
             for k, mc in enumerate(self.member_counters):
@@ -872,7 +873,13 @@ class PopulationTrainer(Trainer):
                 # PBT may have changed members trained on other ranks too: every rank's view.
                 member_configs=[to_dict(m) for m in self.all_member_cfgs],
             )
-            size += checkpoint.save(self._population_path(), state)
+            path = self._population_path()
+            size += checkpoint.save(_staged_path(path), state)
+            if self.dist is not None:
+                # Every rank's set is on disk before any rank commits its own, so a resume
+                # finds each rank's set of this step committed or staged (_settle_population).
+                self.dist.all_of(True, what="checkpoint commit")
+            os.replace(_staged_path(path), path)
             self._commit_members()
             self.saved_step[name] = self.counters["step"]
         return size
@@ -926,8 +933,32 @@ class PopulationTrainer(Trainer):
         suffix = f".rank{self.rank}" if self.rank else ""
         return self.ckpt_dir / f"population{suffix}.pt"
 
+    def _settle_population(self, path: Path) -> None:
+        """Make this rank's population file the one of the latest step whose set every rank
+        holds on disk, committed or staged (a kill can stop one rank between the commit
+        barrier and its renames, or before its staged files are complete)."""
+        staged = _staged_path(path)
+        mine = (_saved_step(path), _saved_step(staged))
+        everyone = self.dist.gather_objects(mine, "checkpoint agreement") if self.dist else [mine]
+        target = _complete_step(everyone)
+        if target is None:
+            if any(step is not None for pair in everyone for step in pair):
+                held = "; ".join(
+                    f"rank {r}: {_steps_held(c, s)}" for r, (c, s) in enumerate(everyone)
+                )
+                raise TrainingError(
+                    f"{path.parent}: the ranks hold no checkpoint of the same step ({held}); "
+                    "cannot resume them together"
+                )
+            return  # no checkpoint at all: _restore says so
+        if mine[0] != target:
+            os.replace(staged, path)  # a set the kill left staged after every rank wrote it
+        elif staged.exists():
+            staged.unlink()  # a later set that not every rank finished
+
     def _restore(self) -> None:
         path = self._population_path()
+        self._settle_population(path)
         if not path.is_file():
             raise TrainingError(f"{path}: no population checkpoint to resume from")
         state = checkpoint.load(path, self.device)
@@ -1058,3 +1089,31 @@ def _member_counters() -> dict:
         reason="",
         stopped_counters=None,  # the counters at the stop (its step...), for later checkpoints
     )
+
+
+def _staged_path(path: Path) -> Path:
+    """Where a checkpoint file is written before its set is committed: NAME.pt.next."""
+    return path.with_name(path.name + ".next")
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step a population file was saved at; None when it is missing or unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return int(state["counters"]["step"])
+    except Exception:
+        return None
+
+
+def _complete_step(held: list[tuple[int | None, int | None]]) -> int | None:
+    """The latest step whose population file every rank holds, as (committed, staged) steps
+    per rank; None when there is none."""
+    steps = sorted({s for pair in held for s in pair if s is not None}, reverse=True)
+    return next((s for s in steps if all(s in pair for pair in held)), None)
+
+
+def _steps_held(committed: int | None, staged: int | None) -> str:
+    parts = [f"step {committed}" if committed is not None else "no checkpoint"]
+    if staged is not None:
+        parts.append(f"step {staged} staged")
+    return ", ".join(parts)

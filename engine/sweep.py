@@ -652,7 +652,10 @@ class Sweeper:
         exe = [sys.executable, "-m", "engine.run"]
         saved = run_dir / "checkpoints" / ("population.pt" if population else "latest.pt")
         interrupted = any(r.status == "interrupted" for r in recs)
-        resume = interrupted and saved.is_file() and (run_dir / "config.toml").is_file()
+        # A population killed between writing its first set and committing it holds only the
+        # staged population.pt.next, which the resume commits.
+        held = saved.is_file() or saved.with_name(saved.name + ".next").is_file()
+        resume = interrupted and held and (run_dir / "config.toml").is_file()
         for rec in recs:
             rec.resumed = resume
         sets = [] if population else [x for o in recs[0].overrides for x in ("--set", o)]

@@ -228,6 +228,8 @@ def test_torchrun_splits_a_population_over_the_ranks_with_pbt_across_them(tmp_pa
                .splitlines()) if r["type"] == "pbt_exploit"]  # fmt: skip
     assert mine["source"] == src
     lr = exploit["settings"]["train.actor_lr"]
+    rank1 = [run / "checkpoints/population.rank1.pt", run / "member_01/checkpoints/latest.pt"]
+    at_6 = [f.read_bytes() for f in rank1]
     # Resumed with torchrun (to before the next exploit): the perturbed learning rate stays
     # the member's, not the grid's.
     p = torchrun("--resume", str(run), "--set", "train.max_train_steps=10")
@@ -236,6 +238,18 @@ def test_torchrun_splits_a_population_over_the_ranks_with_pbt_across_them(tmp_pa
     assert "done" in out and "10 updates" in out
     assert "(2 members, 0 stopped)" in err  # the job's members, not rank 0's
     assert load_config(run / member / "config.toml").train.actor_lr == pytest.approx(lr)
+    # Rank 1 'killed' after the commit barrier of step 10, before its renames: its step-10
+    # files are still staged (.next) and its committed ones are step 6's. Both ranks resume at
+    # 10 (rank 1 completes its renames), so they stay in step to the end.
+    for f, old in zip(rank1, at_6):
+        f.rename(f.with_name(f.name + ".next"))
+        f.write_bytes(old)
+    p = torchrun("--resume", str(run), "--set", "train.max_train_steps=12")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    assert "resumed" in err and "at step 10" in err and "12 updates" in out
+    assert all(not f.with_name(f.name + ".next").exists() for f in rank1)
+    assert ckpt(rank1[0])["counters"]["step"] == ckpt(rank1[1])["counters"]["step"] == 12
     # Without torchrun: one line, exit 2. A population that does not split: one line, exit 2.
     before = (run / "checkpoints/population.pt").read_bytes()
     r = subprocess.run([sys.executable, "-m", "engine.run", "--resume", str(run)], cwd=ROOT,

@@ -3,6 +3,8 @@ single Agent with member k's config: same initial weights, same update of the sa
 its own grid settings), same actions; a frozen member does not change."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -418,15 +420,17 @@ def test_a_solved_member_keeps_the_counters_of_its_stop_in_later_checkpoints(tmp
     assert "solved (solved in the test)" in (tmp_path / "pop" / "population.md").read_text()
 
 
-@pytest.mark.parametrize("killed", ["before population.pt", "before the renames"])
+@pytest.mark.parametrize(
+    "killed", ["before population.pt", "before its rename", "before the members' renames"]
+)
 def test_a_population_killed_while_checkpointing_resumes_from_a_whole_set(
     tmp_path, monkeypatch, killed
 ):
     """The set saved at step 6 is whole; the one at step 12 is cut off by a 'kill' (an exception
-    out of the save). Killed before population.pt: resume at 6 with the members' step-6 weights
-    (their step-12 files dropped). Killed after it, before the renames: resume at 12 with the
-    members' step-12 weights (the renames completed). Never one step's counters with the
-    other's weights."""
+    out of the save). Killed before population.pt.next is written: resume at 6 with the
+    members' step-6 weights (their step-12 files dropped). Killed once it is written (before
+    its rename, or before the members' renames): resume at 12 with the members' step-12
+    weights (the renames completed). Never one step's counters with the other's weights."""
     from engine import checkpoint, population
 
     run = tmp_path / "pop"
@@ -439,9 +443,16 @@ def test_a_population_killed_while_checkpointing_resumes_from_a_whole_set(
         pass
 
     def kill_save(path, payload):
-        if path.name == "population.pt" and tr.counters["step"] == 12:
+        if path.name == "population.pt.next" and tr.counters["step"] == 12:
             raise Killed
         return save(path, payload)
+
+    def kill_rename(src, dst):
+        if Path(src).name == "population.pt.next" and tr.counters["step"] == 12:
+            raise Killed
+        return replace(src, dst)
+
+    replace = os.replace
 
     def kill_commit(self):
         if self.counters["step"] == 12:
@@ -450,6 +461,8 @@ def test_a_population_killed_while_checkpointing_resumes_from_a_whole_set(
 
     if killed == "before population.pt":
         monkeypatch.setattr(checkpoint, "save", kill_save)
+    elif killed == "before its rename":
+        monkeypatch.setattr(population.os, "replace", kill_rename)
     else:
         monkeypatch.setattr(population.PopulationTrainer, "_commit_members", kill_commit)
     try:
@@ -467,6 +480,7 @@ def test_a_population_killed_while_checkpointing_resumes_from_a_whole_set(
     try:
         expect = 6 if killed == "before population.pt" else 12
         assert back.counters["step"] == expect
+        assert not (run / "checkpoints" / "population.pt.next").exists()
         for k in (0, 1):
             assert not member(k, "latest.pt.next").exists()
             assert read(member(k, "latest.pt"))["counters"]["step"] == expect
@@ -475,6 +489,50 @@ def test_a_population_killed_while_checkpointing_resumes_from_a_whole_set(
         assert torch.equal(weights[name], staged[name]) == (expect == 12)
     finally:
         back.close()
+
+
+@pytest.mark.parametrize(
+    "held, want",
+    [
+        ([(6, None), (6, None)], 6),
+        ([(12, None), (6, 12)], 12),  # rank 1 killed after the commit barrier, before renaming
+        ([(6, 12), (6, 12)], 12),  # both killed there
+        ([(6, 12), (6, None)], 6),  # rank 1 killed before its set of step 12 was written
+        ([(None, 6), (None, None)], None),
+        ([(12, None), (6, None)], None),  # no common step: refused
+    ],
+)
+def test_the_resume_step_is_the_latest_every_rank_holds(held, want):
+    from engine.population import _complete_step
+
+    assert _complete_step(held) == want
+
+
+@pytest.mark.parametrize("other", [(12, None), (6, None), (18, None)])
+def test_a_rank_settles_its_population_file_on_the_step_every_rank_holds(tmp_path, other):
+    """This rank holds step 6 committed and step 12 staged; the other rank's files decide."""
+    import types
+
+    from engine import checkpoint
+    from engine.population import PopulationTrainer
+    from engine.trainer import TrainingError
+
+    path = tmp_path / "population.rank1.pt"
+    checkpoint.save(path, {"counters": {"step": 6}})
+    checkpoint.save(tmp_path / "population.rank1.pt.next", {"counters": {"step": 12}})
+
+    class TwoRanks:
+        def gather_objects(self, mine, what):
+            return [other, mine]
+
+    me = types.SimpleNamespace(dist=TwoRanks())
+    if other == (18, None):
+        with pytest.raises(TrainingError, match=r"rank 0: step 18; rank 1: step 6, step 12 staged"):
+            PopulationTrainer._settle_population(me, path)
+        return
+    PopulationTrainer._settle_population(me, path)
+    assert torch.load(path, weights_only=False)["counters"]["step"] == other[0]
+    assert not (tmp_path / "population.rank1.pt.next").exists()
 
 
 def test_a_rank_other_than_0_still_prints_its_members_stops(capsys):
