@@ -178,7 +178,10 @@ def _resume_command(run_dir: Path) -> str:
     if world <= 1:
         return f"python -m engine.run --resume {run_dir}"
     if local_ranks() == world:
-        return f"torchrun --standalone --nproc_per_node {world} -m engine.run --resume {run_dir}"
+        return (
+            f"python -m engine.launch --standalone --nproc_per_node {world} -m engine.run "
+            f"--resume {run_dir}"
+        )
     return f"torchrun (the same {world} ranks) -m engine.run --resume {run_dir}"
 
 

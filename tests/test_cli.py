@@ -237,12 +237,29 @@ def test_the_resume_hint_under_torchrun_keeps_the_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert _resume_command(Path("runs/a")) == (
-        "torchrun --standalone --nproc_per_node 2 -m engine.run --resume runs/a"
+        "python -m engine.launch --standalone --nproc_per_node 2 -m engine.run --resume runs/a"
     )
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     same = "torchrun (the same 16 ranks) -m engine.run --resume runs/a"
     assert _resume_command(Path("runs/a")) == same
+
+
+@pytest.mark.parametrize(
+    "codes, want",
+    [
+        ([130, 130], (130, None)),  # a stop on request: the ranks said so
+        ([4, 130], (4, None)),
+        ([2], (2, None)),
+        ([130, -9], (137, 1)),  # rank 1 killed: that is the line to print
+        ([1, 4], (1, 0)),  # a crash
+        ([-15], (143, 0)),
+    ],
+)
+def test_a_launched_jobs_status_is_its_ranks_own(codes, want):
+    from engine.launch import job_status
+
+    assert job_status(codes) == want
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path):

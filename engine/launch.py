@@ -1,0 +1,69 @@
+"""torchrun with the engine's exits: `python -m engine.launch` takes torchrun's arguments and runs
+it in this process, but a job that ends badly ends in one line instead of torchrun's traceback.
+
+    python -m engine.launch --standalone --nproc_per_node 2 -m engine.run \
+        --config configs/cartpole_d64.toml
+
+The ranks say what happened themselves (a bad config, `interrupted: checkpoint written ...`, a
+lost peer). torchrun then raises over it: ChildFailedError (a rank exited non-zero) or
+SignalException (the launcher got Ctrl-C or SIGTERM), each printed as a traceback wall. Here the
+exit status is the ranks' own: 2 for bad input, 3 when every member failed, 4 for a lost peer,
+130 after a stop on request (the ranks wrote their checkpoint), as `python -m engine.run` exits
+without torchrun. A rank that crashed or was killed gets one line (`error: rank 1 (pid N) was
+killed by SIGKILL`) and the job exits as it did (128 + the signal)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+# Exit statuses of engine.run (engine/run.py), in the order a job reports them when its ranks
+# differ: 2 bad input, 3 every member failed, 4 a peer lost, 130 interrupted (checkpoint written).
+ENGINE_STATUSES = (2, 3, 4, 130)
+
+
+def job_status(codes: list[int]) -> tuple[int, int | None]:
+    """The job's exit status from its failed ranks' exit codes, and the index of the failure
+    to report in a line (None when every rank exited with an engine status and said why
+    itself). A rank that crashed or was killed (code -N: 128 + N, as a shell reports it) is the
+    one to report: the others' statuses follow from it (a lost peer, an interrupt)."""
+    for i, code in enumerate(codes):
+        if code not in ENGINE_STATUSES:
+            return (128 - code if code < 0 else code or 1), i
+    return next(s for s in ENGINE_STATUSES if s in codes), None
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(sys.argv[1:] if argv is None else argv)
+    except SignalException:
+        # Ctrl-C or SIGTERM reached the launcher; the ranks stopped on it and said where their
+        # checkpoint is. torchrun has already logged the signal in one line. 130 either way, as
+        # engine.run exits on Ctrl-C or SIGTERM.
+        sys.exit(130)
+    except ChildFailedError as e:
+        # The root cause first: torchrun ends a failed job's other ranks with SIGTERM.
+        def cause(item):
+            rank, failure = item
+            return failure.exitcode == -signal.SIGTERM, failure.timestamp, rank
+
+        failures = sorted(e.failures.items(), key=cause)
+        status, odd = job_status([f.exitcode for _, f in failures])
+        if odd is not None:
+            rank, first = failures[odd]
+            how = f"exited with status {first.exitcode}"
+            if first.exitcode < 0:
+                try:
+                    how = f"was killed by {signal.Signals(-first.exitcode).name}"
+                except ValueError:
+                    how = f"was killed by signal {-first.exitcode}"
+            print(f"error: rank {rank} (pid {first.pid}) {how}", file=sys.stderr)
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
