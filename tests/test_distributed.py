@@ -301,17 +301,24 @@ def test_a_member_stopped_on_rank_1_is_said_and_recorded_by_the_job(tmp_path):
     assert train[-1]["step"] == 12 and train[-1]["members_training"] == 1
 
 
-def test_a_killed_rank_ends_the_job_with_one_line_and_an_intact_checkpoint(tmp_path):
-    run = tmp_path / "run"
+def long_launched_run(run: Path, **kw) -> tuple[subprocess.Popen, Path]:
+    """A tiny 2-rank job under engine.launch that trains until stopped, once its first
+    periodic checkpoint is written (and a second after it)."""
     long_run = ["--set", "train.max_train_steps=100000", "--set", "log.checkpoint_every=20"]
     p = torchrun("--config", "configs/tiny.toml", "--run-dir", str(run), *long_run,
-                 launcher="engine.launch")  # fmt: skip
+                 launcher="engine.launch", **kw)  # fmt: skip
     latest = run / "checkpoints/latest.pt"
     deadline = time.time() + 300
     while not latest.exists() and time.time() < deadline:
         time.sleep(0.5)
     assert latest.exists(), "no checkpoint within 300 s"
     time.sleep(1.0)
+    return p, latest
+
+
+def test_a_killed_rank_ends_the_job_with_one_line_and_an_intact_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    p, latest = long_launched_run(run)
     ranks = _ranks(p.pid)
     assert set(ranks) == {0, 1}, ranks
     os.kill(ranks[1], signal.SIGKILL)
@@ -336,16 +343,7 @@ def test_a_killed_rank_ends_the_job_with_one_line_and_an_intact_checkpoint(tmp_p
 def test_ctrl_c_on_a_launched_job_writes_its_checkpoint_and_exits_130_in_one_line(tmp_path):
     """Ctrl-C in a terminal reaches the launcher and every rank (the process group). Under
     plain torchrun the ranks stop cleanly but torchrun raises SignalException over it."""
-    run = tmp_path / "run"
-    long_run = ["--set", "train.max_train_steps=100000", "--set", "log.checkpoint_every=20"]
-    p = torchrun("--config", "configs/tiny.toml", "--run-dir", str(run), *long_run,
-                 launcher="engine.launch", start_new_session=True)  # fmt: skip
-    latest = run / "checkpoints/latest.pt"
-    deadline = time.time() + 300
-    while not latest.exists() and time.time() < deadline:
-        time.sleep(0.5)
-    assert latest.exists(), "no checkpoint within 300 s"
-    time.sleep(1.0)
+    p, latest = long_launched_run(tmp_path / "run", start_new_session=True)
     periodic = latest.stat().st_mtime_ns
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=120)
