@@ -24,13 +24,17 @@ ENGINE_STATUSES = (2, 3, 4, 130)
 
 def job_status(codes: list[int]) -> tuple[int, int | None]:
     """The job's exit status from its failed ranks' exit codes, and the index of the failure
-    to report in a line (None when every rank exited with an engine status and said why
-    itself). A rank that crashed or was killed (code -N: 128 + N, as a shell reports it) is the
-    one to report: the others' statuses follow from it (a lost peer, an interrupt)."""
-    for i, code in enumerate(codes):
-        if code not in ENGINE_STATUSES:
+    to report in a line (None when the ranks exited with engine statuses and said why
+    themselves). torchrun ends the other ranks of a failed job with SIGTERM, so a rank killed
+    by SIGTERM is a consequence whenever another rank failed otherwise. A rank that crashed or
+    was killed (code -N: 128 + N, as a shell reports it) is the one to report: the others'
+    statuses (a lost peer, an interrupt) follow from it."""
+    causes = [i for i, c in enumerate(codes) if c != -signal.SIGTERM] or list(range(len(codes)))
+    for i in causes:
+        if codes[i] not in ENGINE_STATUSES:
+            code = codes[i]
             return (128 - code if code < 0 else code or 1), i
-    return next(s for s in ENGINE_STATUSES if s in codes), None
+    return next(s for s in ENGINE_STATUSES if s in [codes[i] for i in causes]), None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,12 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         # engine.run exits on Ctrl-C or SIGTERM.
         sys.exit(130)
     except ChildFailedError as e:
-        # The root cause first: torchrun ends a failed job's other ranks with SIGTERM.
-        def cause(item):
-            rank, failure = item
-            return failure.exitcode == -signal.SIGTERM, failure.timestamp, rank
-
-        failures = sorted(e.failures.items(), key=cause)
+        failures = sorted(e.failures.items())
         status, odd = job_status([f.exitcode for _, f in failures])
         if odd is not None:
             rank, first = failures[odd]

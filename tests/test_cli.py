@@ -254,6 +254,8 @@ def test_the_resume_hint_under_torchrun_keeps_the_world_size(monkeypatch):
         ([130, -9], (137, 1)),  # rank 1 killed: that is the line to print
         ([1, 4], (1, 0)),  # a crash
         ([-15], (143, 0)),
+        ([-15, 2], (2, None)),  # rank 1's bad input; torchrun then stopped rank 0
+        ([-15, -9], (137, 1)),
     ],
 )
 def test_a_launched_jobs_status_is_its_ranks_own(codes, want):
