@@ -53,3 +53,18 @@ def save(path: Path, payload: dict[str, Any]) -> int:
 def load(path: Path, device: torch.device) -> dict[str, Any]:
     # weights_only=False: the payload holds numpy/python RNG states, written by this engine.
     return torch.load(path, map_location=device, weights_only=False)
+
+
+def peek(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's contents memory-mapped on the CPU, to read a field or two without loading
+    its tensors; None when it is missing or unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:
+        return None
+
+
+def staged_path(path: Path) -> Path:
+    """Where a checkpoint of a multi-file set is written before the set is committed:
+    NAME.pt.next, renamed over NAME.pt once every file of the set is on disk."""
+    return path.with_name(path.name + ".next")

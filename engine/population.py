@@ -874,12 +874,12 @@ class PopulationTrainer(Trainer):
                 member_configs=[to_dict(m) for m in self.all_member_cfgs],
             )
             path = self._population_path()
-            size += checkpoint.save(_staged_path(path), state)
+            size += checkpoint.save(checkpoint.staged_path(path), state)
             if self.dist is not None:
                 # Every rank's set is on disk before any rank commits its own, so a resume
                 # finds each rank's set of this step committed or staged (_settle_population).
                 self.dist.all_of(True, what="checkpoint commit")
-            os.replace(_staged_path(path), path)
+            os.replace(checkpoint.staged_path(path), path)
             self._commit_members()
             self.saved_step[name] = self.counters["step"]
         return size
@@ -887,7 +887,7 @@ class PopulationTrainer(Trainer):
     def _staged(self) -> Iterator[Path]:
         """The members' latest.pt.next files on disk."""
         for d in self.member_dirs:
-            if (staged := d / "checkpoints" / "latest.pt.next").is_file():
+            if (staged := checkpoint.staged_path(d / "checkpoints" / "latest.pt")).is_file():
                 yield staged
 
     def _commit_members(self) -> None:
@@ -899,12 +899,8 @@ class PopulationTrainer(Trainer):
         """On resume: a latest.pt.next written for another step than population.pt's belongs
         to a set a kill cut off before population.pt; the previous set stays whole."""
         for staged in list(self._staged()):
-            try:
-                saved_at = torch.load(staged, map_location="cpu", mmap=True,
-                                      weights_only=False).get("saved_at")  # fmt: skip
-            except Exception:
-                saved_at = None  # unreadable: never part of a completed set
-            if saved_at != step:
+            # An unreadable one is never part of a completed set.
+            if (checkpoint.peek(staged) or {}).get("saved_at") != step:
                 staged.unlink()
 
     def _checkpoint_member(self, k: int, name: str, staged: bool = False) -> int:
@@ -925,7 +921,7 @@ class PopulationTrainer(Trainer):
         path = self.member_dirs[k] / "checkpoints" / f"{name}.pt"
         if staged:  # part of the resume set: latest.pt once population.pt is written
             payload["saved_at"] = self.counters["step"]
-            path = path.with_name(f"{name}.pt.next")
+            path = checkpoint.staged_path(path)
         return checkpoint.save(path, payload)
 
     def _population_path(self) -> Path:
@@ -937,7 +933,7 @@ class PopulationTrainer(Trainer):
         """Make this rank's population file the one of the latest step whose set every rank
         holds on disk, committed or staged (a kill can stop one rank between the commit
         barrier and its renames, or before its staged files are complete)."""
-        staged = _staged_path(path)
+        staged = checkpoint.staged_path(path)
         mine = (_saved_step(path), _saved_step(staged))
         everyone = self.dist.gather_objects(mine, "checkpoint agreement") if self.dist else [mine]
         target = _complete_step(everyone)
@@ -1091,18 +1087,10 @@ def _member_counters() -> dict:
     )
 
 
-def _staged_path(path: Path) -> Path:
-    """Where a checkpoint file is written before its set is committed: NAME.pt.next."""
-    return path.with_name(path.name + ".next")
-
-
 def _saved_step(path: Path) -> int | None:
     """The step a population file was saved at; None when it is missing or unreadable."""
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        return int(state["counters"]["step"])
-    except Exception:
-        return None
+    state = checkpoint.peek(path)
+    return None if state is None else int(state["counters"]["step"])
 
 
 def _complete_step(held: list[tuple[int | None, int | None]]) -> int | None:

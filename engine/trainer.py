@@ -595,12 +595,9 @@ class Trainer:
     def _check_world_size(self, path: Path) -> None:
         """A checkpoint resumes with the world size that wrote it (each rank's replay shard and
         envs belong to its rank): checked before anything is built."""
-        if not path.is_file():
-            return  # _restore says so
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception:
-            return  # _restore reports an unreadable checkpoint
+        state = checkpoint.peek(path)
+        if state is None:
+            return  # _restore reports a missing or unreadable checkpoint
         saved = state.get("world_size", 1)
         if saved != self.world:
             how = f"torchrun --nproc_per_node {saved}" if saved > 1 else "one process (no torchrun)"
