@@ -68,3 +68,26 @@ def staged_path(path: Path) -> Path:
     """Where a checkpoint of a multi-file set is written before the set is committed:
     NAME.pt.next, renamed over NAME.pt once every file of the set is on disk."""
     return path.with_name(path.name + ".next")
+
+
+def member_replay(run_dir: Path) -> tuple[Path, int, int] | None:
+    """Where a population member's replay lives when its directory (POP/member_XX) is resumed as
+    a single run: (the population's replay file holding its envs, its index among that file's
+    members, how many members the file holds). None when run_dir is not a member of a population
+    whose checkpoint is readable. Under torchrun each rank wrote its own members' envs
+    (replay.pt on rank 0, replay.rank<r>.pt)."""
+    name, pop = run_dir.name, run_dir.parent / "checkpoints"
+    if not (name.startswith("member_") and name[7:].isdigit()):
+        return None
+    state = peek(pop / "population.pt")
+    if state is None:
+        return None
+    try:
+        size, world = state["config"]["population"]["size"], state.get("world_size", 1)
+    except (KeyError, TypeError):
+        return None
+    member, per_rank = int(name[7:]), size // world
+    if not per_rank or member >= size:
+        return None
+    rank, index = divmod(member, per_rank)
+    return pop / ("replay.pt" if rank == 0 else f"replay.rank{rank}.pt"), index, per_rank

@@ -974,6 +974,14 @@ class PopulationTrainer(Trainer):
                     f"{member_path}: missing; cannot resume member {self.first + k}"
                 )
             member = checkpoint.load(member_path, self.device)
+            step, held = state["counters"]["step"], member.get("counters", {}).get("step")
+            if state["members"][k]["status"] == "training" and held != step:
+                # engine.run --resume on the member's directory continued it alone since.
+                raise TrainingError(
+                    f"{member_path}: holds update {held}, the population {step} (was "
+                    f"{d.name} resumed alone?); resume that member on its own, or the "
+                    "population from a copy made before"
+                )
             try:
                 self.agent.load_member_state(k, member["agent"], member["optim"])
             except (KeyError, ValueError) as e:

@@ -642,7 +642,12 @@ class Trainer:
         if not self.cfg.log.checkpoint_replay:
             return False
         path, c = self._replay_path(), self.counters
-        why = None
+        why, member, of = None, None, ""
+        if not path.is_file() and self.world == 1 and self.cfg.population.size == 1:
+            # A population member resumed alone: its envs' slice of the population's replay.
+            if (found := checkpoint.member_replay(self.run_dir)) and found[0].is_file():
+                path, member, per_file = found
+                of = f" of {self.run_dir.name}"
         if not path.is_file():
             why = f"no {path.name} beside the checkpoint"
         else:
@@ -655,6 +660,8 @@ class Trainer:
                         f"{state['env_steps']}), the checkpoint {c['step']} ({c['env_steps']})"
                     )
                 else:
+                    if member is not None:
+                        state = _member_slice(state, member, per_file)
                     self.replay.load_state_dict(state)
             except ValueError as e:
                 why = f"{path.name} does not fit this replay ({e})"
@@ -663,7 +670,7 @@ class Trainer:
         if why is not None:
             self.progress.write(f"notice: {why}: refilling the replay")
             return False
-        self.progress.write(f"restored the replay: {len(self.replay):,} env steps from {path}")
+        self.progress.write(f"restored the replay: {len(self.replay):,} env steps{of} from {path}")
         return True
 
     def param_summary(self) -> str:
@@ -673,6 +680,15 @@ class Trainer:
             f"{a.num_params():,} (world model {count(a.wm) / 1e6:.2f}M, actor "
             f"{count(a.behavior.actor) / 1e6:.2f}M, critic {count(a.behavior.critic) / 1e6:.2f}M)"
         )
+
+
+def _member_slice(state: dict, member: int, members: int) -> dict:
+    """A population replay's state_dict (its (C, members x n) storage is the (C, members, n)
+    ring) cut down to one member's n envs, as a single run's replay holds them."""
+    n = state["num_envs"] // members
+    envs = slice(member * n, (member + 1) * n)
+    data = {k: v[:, envs] for k, v in state["data"].items()}
+    return dict(state, num_envs=n, data=data)
 
 
 def _install_sigterm():

@@ -420,6 +420,55 @@ def test_a_solved_member_keeps_the_counters_of_its_stop_in_later_checkpoints(tmp
     assert "solved (solved in the test)" in (tmp_path / "pop" / "population.md").read_text()
 
 
+def test_a_member_resumed_alone_takes_its_envs_from_the_population_replay(tmp_path):
+    """engine.run --resume POP/member_01 continues member 1 as a single run: with
+    log.checkpoint_replay its replay is member 1's envs cut out of the population's replay.pt,
+    not a refill. The population then refuses to resume over the member trained alone."""
+    from engine import checkpoint, population
+    from engine.trainer import Trainer, TrainingError
+
+    sets = ["population.size=2", "env.image=false", "train.max_train_steps=6",
+            "log.checkpoint_replay=true"]  # fmt: skip
+    pop_dir = tmp_path / "pop"
+    tr = population.PopulationTrainer(load_config("configs/tiny.toml", sets), pop_dir)
+    try:
+        tr.run()
+        n = tr.cfg.env.num_envs
+        want = {k: v[: min(tr.replay.count, tr.replay.slots), n : 2 * n].clone()
+                for k, v in tr.replay.data.items()}  # fmt: skip
+        count = tr.replay.count
+    finally:
+        tr.close()
+    member = pop_dir / "member_01"
+    assert checkpoint.member_replay(member) == (pop_dir / "checkpoints" / "replay.pt", 1, 2)
+    cfg = load_config(member / "config.toml", ["train.max_train_steps=8"])
+    alone = Trainer(cfg, member, resume=True)
+    try:
+        assert alone.replay.count == count and alone.replay.num_envs == n
+        for k, v in want.items():
+            assert torch.equal(alone.replay.data[k][: len(v)], v), k
+        assert alone.train_from == alone.counters["env_steps"]  # no refill before training
+        alone.run()
+    finally:
+        alone.close()
+    assert (member / "checkpoints" / "replay.pt").is_file()
+    with pytest.raises(TrainingError, match="holds update 8, the population 6 .*resumed alone"):
+        population.PopulationTrainer(load_config(pop_dir / "config.toml"), pop_dir, resume=True)
+
+
+def test_member_replay_finds_the_rank_file_that_holds_a_member(tmp_path):
+    from engine import checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    state = dict(config={"population": {"size": 4}}, world_size=2)
+    checkpoint.save(tmp_path / "checkpoints" / "population.pt", state)
+    find = lambda name: checkpoint.member_replay(tmp_path / name)  # noqa: E731
+    assert find("member_00") == (tmp_path / "checkpoints" / "replay.pt", 0, 2)
+    assert find("member_03") == (tmp_path / "checkpoints" / "replay.rank1.pt", 1, 2)
+    assert find("member_04") is None and find("run") is None
+    assert checkpoint.member_replay(tmp_path / "elsewhere" / "member_00") is None
+
+
 @pytest.mark.parametrize(
     "killed", ["before population.pt", "before its rename", "before the members' renames"]
 )
