@@ -845,12 +845,14 @@ class PopulationTrainer(Trainer):
         is stopped (its last good checkpoint kept) instead of ending the run.
 
         The set that resumes (members' latest.pt, replay.pt, population.pt) is written in two
-        phases: the members' files as latest.pt.next, then replay.pt and population.pt.next,
-        then (under torchrun once every rank has written its set) population.pt.next and each
-        member's .next renamed into place. A process killed while the set is written (torchrun
-        gives its ranks 30 s after a Ctrl-C before SIGKILL; the LunarLander population of 4
-        took 14-25 s here) leaves the previous set whole, on every rank: _restore resumes the
-        latest step whose set every rank holds, committed or staged, and drops the rest."""
+        phases: the members' files as latest.pt.next, then replay.pt.next and
+        population.pt.next, then (under torchrun once every rank has written its set)
+        population.pt.next, each member's .next and replay.pt.next renamed into place. A process
+        killed while the set is written (torchrun gives its ranks 30 s after a Ctrl-C before
+        SIGKILL; the LunarLander population of 4 took 14-25 s here, and 31 s when the Ctrl-C
+        came during the first update's compile) leaves the previous set whole, replay
+        included, on every rank: _restore resumes the latest step whose set every rank holds,
+        committed or staged, and drops the rest (Trainer._restore_replay the replay's)."""
         if self._acc:  # updates since the last log line are checked first
             means = self._means()
             for k, mc in enumerate(self.member_counters):
@@ -881,6 +883,7 @@ class PopulationTrainer(Trainer):
                 self.dist.all_of(True, what="checkpoint commit")
             os.replace(checkpoint.staged_path(path), path)
             self._commit_members()
+            self._commit_replay()
             self.saved_step[name] = self.counters["step"]
         return size
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
 import signal
 import time
@@ -576,17 +577,25 @@ class Trainer:
         path = self.ckpt_dir / f"{name}.pt"
         # Under torchrun the weights are the same on every rank: rank 0 writes them.
         size = checkpoint.save(path, payload) if self.is_main else 0
+        if name == "latest":
+            self._commit_replay()
         self.saved_step[name] = self.counters["step"]
         return size
 
     def _save_replay(self) -> None:
-        """checkpoints/replay.pt under log.checkpoint_replay, written before latest.pt: a run
-        killed between the two files leaves a replay.pt whose step differs from latest.pt's,
-        which a resume detects and refills instead."""
+        """checkpoints/replay.pt under log.checkpoint_replay, staged as replay.pt.next and renamed
+        once the checkpoint it goes with is written (_commit_replay): a run killed in between
+        keeps the replay.pt of the checkpoint it resumes from, and a resume commits a staged
+        replay of its checkpoint's step and drops any other (_restore_replay)."""
         if self.cfg.log.checkpoint_replay:
             c = self.counters
             replay = dict(step=c["step"], env_steps=c["env_steps"], **self.replay.state_dict())
-            checkpoint.save(self._replay_path(), replay)
+            checkpoint.save(checkpoint.staged_path(self._replay_path()), replay)
+
+    def _commit_replay(self) -> None:
+        path = self._replay_path()
+        if (staged := checkpoint.staged_path(path)).is_file():
+            os.replace(staged, path)
 
     def _replay_path(self) -> Path:
         """replay.pt; under torchrun, rank r > 0 keeps its shard in replay.rank<r>.pt."""
@@ -642,6 +651,14 @@ class Trainer:
         if not self.cfg.log.checkpoint_replay:
             return False
         path, c = self._replay_path(), self.counters
+        if (staged := checkpoint.staged_path(path)).is_file():
+            # Written by a run killed before its commit: the replay of the checkpoint just
+            # loaded (killed after latest.pt was written) or of one never written.
+            held = checkpoint.peek(staged) or {}
+            if (held.get("step"), held.get("env_steps")) == (c["step"], c["env_steps"]):
+                os.replace(staged, path)
+            else:
+                staged.unlink()
         why, member, of = None, None, ""
         if not path.is_file() and self.world == 1 and self.cfg.population.size == 1:
             # A population member resumed alone: its envs' slice of the population's replay.

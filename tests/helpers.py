@@ -29,3 +29,31 @@ def tiny_run(run_dir: Path, *overrides: str) -> Path:
     done = run_module("engine.run", *args)
     assert done.returncode == 0, done.stderr
     return run_dir
+
+
+class Killed(Exception):
+    """A process kill in the middle of writing a checkpoint, raised by a kill_when wrapper."""
+
+
+def kill_when(fn, condition):
+    """fn, except that a call whose arguments meet condition raises Killed instead."""
+
+    def wrapper(*args):
+        if condition(*args):
+            raise Killed
+        return fn(*args)
+
+    return wrapper
+
+
+def run_until_killed(trainer, monkeypatch) -> None:
+    """Trains until a kill_when wrapper raises Killed (pytest fails the test if none does), then
+    closes the trainer and undoes the patches, as a restarted process would find things."""
+    import pytest
+
+    try:
+        with pytest.raises(Killed):
+            trainer.run()
+    finally:
+        trainer.close()
+    monkeypatch.undo()

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import kill_when, run_until_killed
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_KEYS = (
     "step",
@@ -321,3 +323,36 @@ def test_resume_with_the_checkpointed_replay_continues_without_refilling(tmp_pat
     out = run("--resume", str(rd), *resize)
     assert out.returncode == 0, out.stderr
     assert "notice: replay.pt does not fit this replay (slots 256 != 512)" in out.stderr
+
+
+@pytest.mark.parametrize("killed", ["before latest.pt", "before the replay's rename"])
+def test_a_run_killed_while_checkpointing_keeps_the_replay_of_the_step_it_resumes(
+    tmp_path, monkeypatch, killed
+):
+    """replay.pt.next is written, then latest.pt, then the replay renamed: a kill (an exception
+    out of the save) before latest.pt resumes at 6 with step 6's replay (the staged one of 12
+    dropped); after it, at 12 with step 12's (the staged one committed). Before staging, the
+    first case found a replay.pt of step 12 beside latest.pt of 6 and refilled."""
+    from engine import checkpoint
+    from engine.config import load_config
+    from engine.trainer import Trainer
+
+    rd = tmp_path / "r"
+    sets = ["train.max_train_steps=12", "log.checkpoint_every=6", "log.checkpoint_replay=true"]
+    tr = Trainer(load_config("configs/tiny.toml", sets), rd)
+    at_12 = lambda *_: tr.counters["step"] == 12  # noqa: E731
+    if killed == "before latest.pt":
+        latest = lambda path, _: path.name == "latest.pt" and at_12()  # noqa: E731
+        monkeypatch.setattr(checkpoint, "save", kill_when(checkpoint.save, latest))
+    else:
+        monkeypatch.setattr(Trainer, "_commit_replay", kill_when(Trainer._commit_replay, at_12))
+    run_until_killed(tr, monkeypatch)
+    assert (rd / "checkpoints" / "replay.pt.next").is_file()
+    back = Trainer(load_config(rd / "config.toml"), rd, resume=True)
+    try:
+        assert back.counters["step"] == (6 if killed == "before latest.pt" else 12)
+        assert back.replay.count * back.cfg.env.num_envs == back.counters["env_steps"] > 0
+        assert back.train_from == back.counters["env_steps"]  # restored, not refilled
+        assert not (rd / "checkpoints" / "replay.pt.next").exists()
+    finally:
+        back.close()

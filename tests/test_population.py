@@ -16,7 +16,7 @@ from engine.config import load_config, member_configs
 from engine.fast import FastOptions
 from engine.population import MEMBER_CALLS, PopulationAgent
 from engine.replay import Replay, transition_spec
-from tests.helpers import run_module
+from tests.helpers import kill_when, run_module, run_until_killed
 
 GRID = {
     "train.actor_lr": [1e-4, 3e-3, 4e-5, 2e-4],
@@ -479,47 +479,24 @@ def test_a_population_killed_while_checkpointing_resumes_from_a_whole_set(
     out of the save). Killed before population.pt.next is written: resume at 6 with the
     members' step-6 weights (their step-12 files dropped). Killed once it is written (before
     its rename, or before the members' renames): resume at 12 with the members' step-12
-    weights (the renames completed). Never one step's counters with the other's weights."""
+    weights (the renames completed). Never one step's counters with the other's weights, and
+    the replay (log.checkpoint_replay) always the one of the step resumed, not a refill."""
     from engine import checkpoint, population
 
     run = tmp_path / "pop"
     sets = ["population.size=2", "env.image=false", "train.max_train_steps=12",
-            "log.checkpoint_every=6"]  # fmt: skip
+            "log.checkpoint_every=6", "log.checkpoint_replay=true"]  # fmt: skip
     tr = population.PopulationTrainer(load_config("configs/tiny.toml", sets), run)
-    save, commit = checkpoint.save, population.PopulationTrainer._commit_members
-
-    class Killed(Exception):
-        pass
-
-    def kill_save(path, payload):
-        if path.name == "population.pt.next" and tr.counters["step"] == 12:
-            raise Killed
-        return save(path, payload)
-
-    def kill_rename(src, dst):
-        if Path(src).name == "population.pt.next" and tr.counters["step"] == 12:
-            raise Killed
-        return replace(src, dst)
-
-    replace = os.replace
-
-    def kill_commit(self):
-        if self.counters["step"] == 12:
-            raise Killed
-        commit(self)
-
+    at_12 = lambda *_: tr.counters["step"] == 12  # noqa: E731
+    staged = lambda path, _: Path(path).name == "population.pt.next" and at_12()  # noqa: E731
     if killed == "before population.pt":
-        monkeypatch.setattr(checkpoint, "save", kill_save)
+        monkeypatch.setattr(checkpoint, "save", kill_when(checkpoint.save, staged))
     elif killed == "before its rename":
-        monkeypatch.setattr(population.os, "replace", kill_rename)
+        monkeypatch.setattr(population.os, "replace", kill_when(os.replace, staged))
     else:
-        monkeypatch.setattr(population.PopulationTrainer, "_commit_members", kill_commit)
-    try:
-        with pytest.raises(Killed):
-            tr.run()
-    finally:
-        tr.close()
-    monkeypatch.undo()
+        cls = population.PopulationTrainer
+        monkeypatch.setattr(cls, "_commit_members", kill_when(cls._commit_members, at_12))
+    run_until_killed(tr, monkeypatch)
     member = lambda k, f: run / f"member_{k:02d}" / "checkpoints" / f  # noqa: E731
     read = lambda path: torch.load(path, weights_only=False)  # noqa: E731
     assert all(read(member(k, "latest.pt.next"))["saved_at"] == 12 for k in (0, 1))
@@ -536,6 +513,10 @@ def test_a_population_killed_while_checkpointing_resumes_from_a_whole_set(
         weights, _ = back.agent.member_state(0)
         name = "behavior.actor.out.weight"
         assert torch.equal(weights[name], staged[name]) == (expect == 12)
+        # The replay of that step is restored: every env step so far, none to refill.
+        assert back.replay.count * back.cfg.env.num_envs == back.counters["env_steps"] > 0
+        assert back.train_from == back.counters["env_steps"]
+        assert not (run / "checkpoints" / "replay.pt.next").exists()
     finally:
         back.close()
 
