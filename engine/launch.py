@@ -10,16 +10,27 @@ SignalException (the launcher got Ctrl-C or SIGTERM), each printed as a tracebac
 exit status is the ranks' own: 2 for bad input, 3 when every member failed, 4 for a lost peer,
 130 after a stop on request (the ranks wrote their checkpoint), as `python -m engine.run` exits
 without torchrun. A rank that crashed or was killed gets one line (`error: rank 1 (pid N) was
-killed by SIGKILL`) and the job exits as it did (128 + the signal)."""
+killed by SIGKILL`) and the job exits as it did (128 + the signal).
+
+A stop also gets more time: torchrun SIGKILLs its ranks 30 s after passing them a Ctrl-C or
+SIGTERM, and a rank acts on it between updates, so a stop that came during a compile (minutes
+on a CPU) or before a large replay was written lost its checkpoint set. engine.launch gives
+them SHUTDOWN_GRACE_S unless --shutdown-timeout (or TORCH_ELASTIC_SHUTDOWN_TIMEOUT) says
+otherwise."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 # Exit statuses of engine.run (engine/run.py), in the order a job reports them when its ranks
 # differ: 2 bad input, 3 every member failed, 4 a peer lost, 130 interrupted (checkpoint written).
 ENGINE_STATUSES = (2, 3, 4, 130)
+# Seconds between a stop and torchrun's SIGKILL. The LunarLander population of 4 (2 x 5.4 GB of
+# replay) took 11-25 s to write its set after a stop between updates, and more than 30 s when
+# the stop came during its first compiled update: it was killed with its set half written.
+SHUTDOWN_GRACE_S = 300
 
 
 def job_status(codes: list[int]) -> tuple[int, int | None]:
@@ -42,8 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    args = sys.argv[1:] if argv is None else argv
+    if not any(a.startswith(("--shutdown-timeout", "--shutdown_timeout")) for a in args):
+        os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
     try:
-        torchrun(sys.argv[1:] if argv is None else argv)
+        torchrun(args)
     except SignalException:
         # Ctrl-C or SIGTERM reached the launcher; the ranks stopped on it and said where their
         # checkpoint is. torchrun has already logged the signal in one line. 130 either way, as

@@ -266,6 +266,28 @@ def test_a_launched_jobs_status_is_its_ranks_own(codes, want):
     assert job_status(codes) == want
 
 
+def test_engine_launch_gives_the_ranks_time_to_write_their_checkpoint(monkeypatch):
+    """torchrun SIGKILLs its ranks 30 s after a stop by default; engine.launch makes torchrun's
+    own config carry SHUTDOWN_GRACE_S, unless --shutdown-timeout or the env var says otherwise."""
+    import torch.distributed.run as torchrun
+
+    from engine import launch
+
+    seen = []
+
+    def fake_torchrun(args):
+        config, _, _ = torchrun.config_from_args(torchrun.parse_args(args))
+        seen.append(config.shutdown_timeout)
+
+    monkeypatch.setattr(torchrun, "main", fake_torchrun)
+    job = ["--standalone", "--nproc_per_node", "2", "-m", "engine.run", "--resume", "runs/a"]
+    for env, flags in (({}, []), ({}, ["--shutdown-timeout", "45"]),
+                       ({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}, [])):  # fmt: skip
+        monkeypatch.setattr(os, "environ", dict(env))
+        launch.main([*flags, *job])
+    assert seen == [launch.SHUTDOWN_GRACE_S, 45, 60] and launch.SHUTDOWN_GRACE_S > 30
+
+
 def test_existing_run_dir_is_not_overwritten(tmp_path):
     rd = tmp_path / "r"
     assert run("--config", "configs/tiny.toml", "--run-dir", str(rd)).returncode == 0
