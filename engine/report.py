@@ -80,6 +80,8 @@ LINE_STYLES = ("-", "--", ":", "-.")
 END_COLORS = {"rest": "C2", "crash": "C3", "terminated": "C4", "time_limit": "C1"}
 # Log scale once a panel's positive values span more than this factor.
 LOG_RATIO = 30.0
+# The records a population member writes when it stops training (engine.population).
+STOP_KINDS = ("solved", "early_stop", "health")
 
 
 class ReportError(Exception):
@@ -104,6 +106,31 @@ class Run:
     @property
     def empty(self) -> bool:
         return not (self.train or self.evals or self.episodes)
+
+    @property
+    def stop_step(self) -> float | None:
+        """The step a population member stopped training at (solved, early stop, failed), when
+        records go on after it: its envs and evaluations continue with its frozen weights
+        while the others train, but it logs no training line after its stop. None otherwise
+        (a single run ends at its stop; a run resumed and trained on past one has no stop)."""
+        for ev in self.events:
+            step = num(ev.get("step"))
+            if ev.get("type") in STOP_KINDS and math.isfinite(step):
+                if any(num(r.get("step")) > step for r in self.train):
+                    return None
+                later = any(num(r.get("step")) > step for r in self.evals + self.episodes)
+                return step if later else None
+        return None
+
+    def until_stop(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records up to the member's stop (all of them without one)."""
+        stop = self.stop_step
+        return records if stop is None else [r for r in records if num(r.get("step")) <= stop]
+
+    def after_stop(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records after the member's stop: its frozen final agent's."""
+        stop = self.stop_step
+        return [] if stop is None else [r for r in records if num(r.get("step")) > stop]
 
     def target(self, override: float | None = None) -> float:
         """The eval return that counts as solved: `override`, else the task's own."""
@@ -191,7 +218,8 @@ def population_names(populations: Sequence[Sequence[Run]]) -> list[str]:
 
 def member_mean(runs: Sequence[Run]) -> tuple[Any, Any, Any] | None:
     """A population's members' eval returns, mean and std across the members at each eval
-    step they all reached: (env steps, mean, std), or None with fewer than two members."""
+    step they all reached: (env steps, mean, std), or None with fewer than two members. A
+    member stopped early counts with its frozen agent's evals after its stop."""
     if len(runs) < 2:
         return None
     by_step = []
@@ -284,7 +312,9 @@ def _last(records: Sequence[dict[str, Any]], key: str) -> float:
 def summarize(run: Run, target: float | None = None) -> str:
     """The run's numbers as a few indented lines; `target` overrides the task's solved return."""
     target = run.target(target)
-    recs = run.train + run.evals + run.episodes
+    # A population member stopped early: its own numbers end at its stop; what its frozen
+    # agent did while the others trained is a line of its own below.
+    recs = run.until_stop(run.train + run.evals + run.episodes)
     steps = max((num(r.get("step")) for r in recs), default=math.nan)
     env_steps = max((num(r.get("env_steps")) for r in recs), default=math.nan)
     wall = _last(run.train, "wall_time")
@@ -296,7 +326,7 @@ def summarize(run: Run, target: float | None = None) -> str:
         f"  steps {_fmt(steps)}, env steps {_fmt(env_steps)}, wall time {wall:.1f} s, "
         f"{rate:.3g} steps/s"
     )
-    ok = [r for r in run.evals if math.isfinite(num(r.get("eval_return")))]
+    ok = [r for r in run.until_stop(run.evals) if math.isfinite(num(r.get("eval_return")))]
     ev = np.array([num(r.get("eval_return")) for r in ok])
     if ok:
         walls = wall_times(run, ok, "step")
@@ -322,14 +352,15 @@ def summarize(run: Run, target: float | None = None) -> str:
     else:
         lines.append("  eval: none")
     kinds, _, counts, recs = end_counts(run)
-    if len(recs):
-        last, n = recs[-1], counts[-1]
+    own = len(run.until_stop(recs))  # end_counts keeps the eval lines' order
+    if own:
+        last, n = recs[own - 1], counts[own - 1]
         split = ", ".join(f"{int(c)} {END_TEXT[k]}" for k, c in zip(kinds, n))
         lines.append(
             f"  ends of the last eval (step {_fmt(num(last.get('step')))}, env step "
             f"{_fmt(num(last.get('env_steps')))}): {split} (of {int(n.sum())} episodes)"
         )
-    _, ep = series(run.episodes, "episode_return")
+    _, ep = series(run.until_stop(run.episodes), "episode_return")
     if len(ep):
         lines.append(
             f"  training episodes: {len(ep)}, last {ep[-1]:.1f}, mean of last 10 "
@@ -345,9 +376,34 @@ def summarize(run: Run, target: float | None = None) -> str:
             f"  {ev.get('type')} at step {_fmt(num(ev.get('step')))}"
             + (f": {reason}" if isinstance(reason, str) else "")
         )
+    if run.stop_step is not None:
+        lines.append(_after_stop(run, target))
     for note in run.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def _after_stop(run: Run, target: float) -> str:
+    """A stopped member's frozen final agent, evaluated while the population trained on: every
+    later eval's episodes pooled (many more than any one eval), and its training episodes."""
+    evals = run.after_stop(run.evals)
+    returns = [num(x) for r in evals for x in (r.get("eval_returns") or [])]
+    returns = np.array([x for x in returns if math.isfinite(x)])
+    text = (
+        f"  after its stop at step {_fmt(run.stop_step)} (weights frozen, the others trained on):"
+    )
+    if len(returns):
+        text += (
+            f" {len(evals)} evals, {len(returns)} episodes of its final agent: mean "
+            f"{returns.mean():.1f} +- {returns.std():.1f}, median {np.median(returns):.1f}, "
+            f"{int((returns >= target).sum())}/{len(returns)} >= {target:g}"
+        )
+    else:
+        text += f" {len(evals)} evals"
+    _, ep = series(run.after_stop(run.episodes), "episode_return")
+    if len(ep):
+        text += f"; {len(ep)} training episodes (sampled actions), mean {ep.mean():.1f}"
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,7 +569,11 @@ def plot_eval(
     ax_env, ax_wall = fig.subplots(1, 2)
     for i, run in enumerate(runs):
         color = f"C{i}"
-        eps = [r for r in run.episodes if math.isfinite(num(r.get("episode_return")))]
+        # A stopped member's frozen agent after its stop: faint and dashed, against env steps
+        # only (its own wall-time axis ends at its stop).
+        eps = [
+            r for r in run.until_stop(run.episodes) if math.isfinite(num(r.get("episode_return")))
+        ]
         if eps:
             ret = np.array([num(r.get("episode_return")) for r in eps])
             env = np.array([num(r.get("env_steps")) for r in eps])
@@ -522,7 +582,8 @@ def plot_eval(
             for ax, x in ((ax_env, env), (ax_wall, wall)):
                 ax.plot(x, ret, ".", color=color, alpha=0.3, ms=4, zorder=1)
                 _edge_markers(ax, x, ret, clip, color, alpha=0.3, ms=4)
-        evs = [r for r in run.evals if math.isfinite(num(r.get("eval_return")))]
+        outside += _plot_after_stop(ax_env, run, color, clip)
+        evs = [r for r in run.until_stop(run.evals) if math.isfinite(num(r.get("eval_return")))]
         if not evs:
             continue
         mean = np.array([num(r.get("eval_return")) for r in evs])
@@ -588,6 +649,24 @@ def plot_eval(
     _run_legend(fig, runs)
     _save(fig, canvas, path)
     return True
+
+
+def _plot_after_stop(ax: Any, run: Run, color: str, clip: tuple[float, float] | None) -> int:
+    """A stopped member's records after its stop on the env-steps axis: its training episodes
+    as fainter dots, its evals as a faint dashed line. Returns how many fell beyond `clip`."""
+    outside = 0
+    for key, recs, style in (
+        ("episode_return", run.after_stop(run.episodes), "."),
+        ("eval_return", run.after_stop(run.evals), "--"),
+    ):
+        recs = [r for r in recs if math.isfinite(num(r.get(key)))]
+        if recs:
+            y = np.array([num(r.get(key)) for r in recs])
+            x = np.array([num(r.get("env_steps")) for r in recs])
+            ax.plot(x, y, style, color=color, alpha=0.15 if style == "." else 0.4, ms=3, lw=1)
+            _edge_markers(ax, x, y, clip, color, alpha=0.15, ms=3)
+            outside += _count_beyond(y, clip)
+    return outside
 
 
 def _count_beyond(y: Any, clip: tuple[float, float] | None) -> int:

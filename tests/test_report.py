@@ -82,16 +82,31 @@ def run_main(args: list, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_a_stopped_members_rate_is_its_own_up_to_its_stop(tmp_path, capsys):
+def test_a_stopped_members_numbers_end_at_its_stop(tmp_path, capsys):
     """A population member solved at step 60 stops training (no train lines after it) but keeps
-    being evaluated and stepping its envs to step 100: its rate is 60 steps in its 60 s."""
+    being evaluated and stepping its envs to step 100. Its summary is its own up to step 60
+    (60 steps in its 60 s, final eval that of step 60); the frozen agent's evals and episodes
+    after it are one line of their own, pooled."""
     recs = [r for r in synthetic(reach_at=30) if r["type"] != "train" or r["step"] <= 60]
+    for r in recs:  # the frozen agent's evals differ from the last one before its stop
+        if r["type"] == "eval" and r["step"] > 60:
+            r.update(eval_return=400.0, eval_returns=[300.0, 500.0])
     recs.append(dict(type="solved", step=60, env_steps=600, reason="3 evaluations in a row"))
     run = write_metrics(tmp_path / "member_00", recs)
     code, stdout, err = run_main([run, "--out", tmp_path / "out"], capsys)
     assert code == 0, err
-    assert "steps 100, env steps 1,000, wall time 60.0 s, 1 steps/s" in stdout
+    assert "steps 60, env steps 600, wall time 60.0 s, 1 steps/s" in stdout
+    assert "eval: 6 evaluations, final 500.0 (step 60, env step 600)" in stdout
+    assert "training episodes: 6, last 30.0" in stdout
     assert "solved at step 60: 3 evaluations in a row" in stdout
+    assert (
+        "after its stop at step 60 (weights frozen, the others trained on): 4 evals, 8 episodes "
+        "of its final agent: mean 400.0 +- 100.0, median 400.0, 4/8 >= 450; 4 training "
+        "episodes (sampled actions), mean 42.5"
+    ) in stdout
+    # A run that trained on past such a record (resumed further) has no stop.
+    recs.append(dict(type="train", step=100, env_steps=1000, wall_time=100.0))
+    assert report.load_run(write_metrics(tmp_path / "resumed", recs)).stop_step is None
 
 
 def test_two_runs_are_overlaid_and_summarised(tmp_path, capsys):
