@@ -148,9 +148,17 @@ class Agent(nn.Module):
     ) -> tuple[Tensor, Carry]:
         """One environment step for N envs: obs (N, ...) -> action indices (N,), next carry."""
         with autocast(self.opts, self.device):
-            return self._policy(obs, carry, greedy)
+            # greedy as a tensor: a compiled _policy is one graph for acting and evaluating,
+            # instead of a second compile guarded on the flag's value.
+            return self._policy(obs, carry, self._flag(greedy))
 
-    def _policy(self, obs: dict[str, Tensor], carry: Carry, greedy: bool):
+    def _flag(self, value: bool) -> Tensor:
+        flags = self.__dict__.setdefault("_flags", {})
+        if value not in flags:
+            flags[value] = torch.tensor(value, device=self.device)
+        return flags[value]
+
+    def _policy(self, obs: dict[str, Tensor], carry: Carry, greedy: Tensor):
         deter, stoch, prev_action = carry
         token = self.wm.encode(obs)
         deter, stoch, _ = self.wm.obs_step(deter, stoch, prev_action, token, obs["is_first"])

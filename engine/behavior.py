@@ -127,9 +127,12 @@ class Behavior(nn.Module):
         """Normalised log-probabilities of the unimix actor."""
         return dists.unimix_logits(self.actor(feat), self.unimix)
 
-    def act(self, feat: Tensor, greedy: bool = False) -> Tensor:
-        """Action indices (N,)."""
+    def act(self, feat: Tensor, greedy: bool | Tensor = False) -> Tensor:
+        """Action indices (N,): the mode when `greedy`, else a sample. A tensor flag selects
+        between both (one graph for either value, a sample drawn either way)."""
         logp = self.action_logits(feat)
+        if isinstance(greedy, Tensor):
+            return torch.where(greedy, logp.argmax(-1), dists.sample_index(logp.exp()))
         if greedy:
             return logp.argmax(-1)
         return dists.sample_index(logp.exp())

@@ -81,17 +81,25 @@ def play_episodes(
     to_device: Callable[[dict[str, np.ndarray]], dict[str, Tensor]],
     greedy: bool,
     record: Callable[[dict[str, np.ndarray], int], bool] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Episodes:
     """One episode in each of `env`'s envs, in parallel.
 
     `record(obs, action)` (optional) sees env 0's observation and the action chosen for it at each
     step until it returns False, then once more with the episode's last observation and action 0
-    if env 0's episode ended while it was still recording."""
+    if env 0's episode ended while it was still recording.
+
+    `rows` = (groups, n): the policy runs on batches shaped as in training, `groups` blocks of `n`
+    rows (a population's members, each acting in n envs), each block's envs first and zero rows
+    after them, whose actions are dropped. A compiled policy then meets the shape it was compiled
+    for instead of recompiling for the eval batch (and turning dynamic). Rows never mix, so the
+    envs' actions are those of the unpadded batch."""
     import torch
 
     obs = env.reset()
     device = next(agent.parameters()).device
-    carry = agent.initial_carry(env.num_envs, device)
+    pad, unpad, batch = _row_padding(env.num_envs, rows)
+    carry = agent.initial_carry(batch, device)
     returns = np.zeros(env.num_envs)
     lengths = np.zeros(env.num_envs, dtype=np.int64)
     done = np.zeros(env.num_envs, dtype=bool)
@@ -100,8 +108,8 @@ def play_episodes(
     recording = record is not None
     with torch.no_grad():
         while not done.all():
-            action, carry = agent.policy(to_device(obs), carry, greedy)
-            action = action.cpu().numpy()
+            action, carry = agent.policy(pad(to_device(obs)), carry, greedy)
+            action = unpad(action).cpu().numpy()
             if recording:
                 recording = record(obs, int(action[0]))
             obs = env.step(action)
@@ -114,3 +122,28 @@ def play_episodes(
     if recording:  # env 0 ended on the last step: its final frame (no action is executed)
         record(obs, 0)
     return Episodes(returns, lengths, terminal, last_reward)
+
+
+def _row_padding(envs: int, rows: tuple[int, int] | None) -> tuple[Callable, Callable, int]:
+    """play_episodes' (pad the observations, unpad the actions, policy batch size): `envs` in
+    `groups` blocks padded to `n` rows each; no padding when rows is None or the envs fill it."""
+    groups, n = rows or (1, 0)
+    if envs % groups:
+        raise ValueError(f"{envs} envs do not split into {groups} groups")
+    per = envs // groups
+    if n <= per:
+        return (lambda obs: obs), (lambda a: a), envs
+    import torch
+
+    def pad(obs: dict[str, Tensor]) -> dict[str, Tensor]:
+        def one(x: Tensor) -> Tensor:
+            x = x.reshape(groups, per, *x.shape[1:])
+            zeros = x.new_zeros(groups, n - per, *x.shape[2:])
+            return torch.cat([x, zeros], 1).flatten(0, 1)
+
+        return {k: one(v) for k, v in obs.items()}
+
+    def unpad(action: Tensor) -> Tensor:
+        return action.reshape(groups, n)[:, :per].flatten()
+
+    return pad, unpad, groups * n

@@ -49,9 +49,13 @@ class Evaluator:
         device: torch.device,
         run_dir: Path,
         note: Callable[[str], None],
+        members: int = 1,
     ):
         self.cfg, self.agent, self.env, self.to_device = cfg, agent, env, to_device
         self.device, self.run_dir, self.note = device, run_dir, note
+        # The policy acts on batches of training's shape (members x env.num_envs rows): a
+        # compiled policy is not recompiled for the eval batch (play_episodes' rows).
+        self.rows = (members, cfg.env.num_envs)
 
     def play(self, record: bool = False) -> tuple[Episodes, Clip | None]:
         """The episodes and, with `record`, the first eval env's first episode up to and
@@ -61,7 +65,9 @@ class Evaluator:
         recorder = None
         if clip is not None:
             recorder = functools.partial(self._record_frame, *clip)
-        episodes = play_episodes(self.agent, self.env, self.to_device, greedy, recorder)
+        episodes = play_episodes(
+            self.agent, self.env, self.to_device, greedy, recorder, rows=self.rows
+        )
         return episodes, clip
 
     def _record_frame(

@@ -178,6 +178,7 @@ class Trainer:
             self.device,
             run_dir,
             self.progress.write,
+            members=k,
         )
         self._acc: dict[str, tuple[Tensor, int]] = {}
         trace = run_dir / "trace.json" if cfg.general.trace else None

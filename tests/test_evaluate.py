@@ -77,6 +77,65 @@ def test_play_episodes_counts_each_episode_once_and_records_env_0():
     assert len(seen) == lengths[0] + 1
 
 
+@pytest.mark.parametrize("members", [1, 2])
+def test_padded_policy_rows_play_the_same_episodes(monkeypatch, members):
+    """The evaluator pads the policy's batch to training's shape (a compiled policy then needs
+    no graph for the eval batch): each member's envs first in its block of rows, zero rows after.
+    The envs' episodes are those of the unpadded batch. Latents by argmax: a padded batch draws
+    its random numbers in another shape."""
+    from engine import dists
+    from engine.config import member_configs
+    from engine.fast import FastOptions
+    from engine.population import PopulationAgent
+
+    monkeypatch.setattr(dists, "sample_index", lambda probs: probs.detach().argmax(-1))
+    cfg = load_config("configs/tiny.toml", [f"population.size={members}"])
+    torch.manual_seed(0)
+    if members == 1:
+        agent = Agent(cfg, 4, 2)
+    else:  # members of their own seeds: a row put in another member's block acts differently
+        agent = PopulationAgent(member_configs(cfg), 4, 2, torch.device("cpu"), FastOptions())
+    played = []
+    for rows in (None, (members, 5)):
+        env = make_env("CartPole-v1", cfg.env.backend, 2 * members, 7, cfg.image_size, True)
+        try:
+            played.append(play_episodes(agent, env, ObsUploader(torch.device("cpu")), True,
+                                        rows=rows))  # fmt: skip
+        finally:
+            env.close()
+    for got, want in zip(played[1], played[0]):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.compiled
+def test_a_compiled_run_evaluates_without_a_graph_of_its_own(tmp_path, monkeypatch):
+    """The eval envs (log.eval_episodes) are fewer than the training envs and the eval is
+    greedy: without padding and the tensor flag, the compiled policy recompiled for the eval
+    batch and the flag, and turned its graphs dynamic. Any recompile during an eval fails."""
+    import torch._dynamo
+
+    from engine.evaluation import Evaluator
+    from engine.trainer import Trainer
+
+    play = Evaluator.play
+
+    def strict_play(self, record=False):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            return play(self, record)
+
+    monkeypatch.setattr(Evaluator, "play", strict_play)
+    sets = ["general.compile=true", "env.image=false", "train.max_train_steps=6"]
+    tr = Trainer(load_config("configs/tiny.toml", sets), tmp_path / "r")
+    try:
+        assert tr.cfg.log.eval_episodes < tr.cfg.env.num_envs
+        tr.run()
+    finally:
+        tr.close()
+    assert [r["type"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").open())].count(
+        "eval"
+    )
+
+
 def test_episode_ends_lunarlander_and_cartpole():
     terminal = np.array([True, True, False, True, False, True])
     last = np.array([100.4, -100.2, -0.3, 0.0, 2.5, 97.0])
