@@ -31,3 +31,19 @@ def _bf16_on_any_cpu(request, monkeypatch):
         from engine import fast
 
         monkeypatch.setattr(fast, "cpu_has_native_bf16", lambda: True)
+
+
+@pytest.fixture
+def eager_random_compile(monkeypatch):
+    """Compiled graphs that draw eager's random numbers (inductor uses its own generator
+    otherwise), for comparisons of a compiled update with the eager one. Dynamo's caches are
+    cleared before and after: a graph another test compiled for the same function and shapes,
+    without this setting, would pass its guards and be reused, drawing other numbers (the
+    compiled tiny run of test_evaluate did that to both comparisons below it)."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

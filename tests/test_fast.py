@@ -59,9 +59,7 @@ def test_bf16_is_dropped_on_a_cpu_without_native_bf16(monkeypatch, native):
 
 
 @pytest.mark.compiled
-def test_compiled_batched_update_matches_eager(monkeypatch):
-    # Inductor draws random numbers with its own generator unless told to use eager's.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_compiled_batched_update_matches_eager(eager_random_compile):
     eager = one_update()
     fast_cpu = ["general.compile=true", "general.batched_wgrad=true"]
     compiled = one_update(fast_cpu)

@@ -305,8 +305,7 @@ def test_reward_loss_excess_is_measured_from_the_floor_of_the_heads_space(space)
 
 
 @pytest.mark.compiled
-def test_compiled_update_with_every_official_switch_matches_eager(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_compiled_update_with_every_official_switch_matches_eager(eager_random_compile):
     # No warm-up (its first update has lr 0) and a large eps: LaProp's step is then ~lr x g / eps,
     # so the parameter change compares the gradients themselves.
     switches = [*OFFICIAL, "train.lr_warmup_steps=0", "train.adam_eps=10"]
