@@ -187,6 +187,15 @@ class WorldModel(nn.Module):
             is_first[:, 0] = True
         else:
             deter, stoch, prev_action = start
+        if torch.is_grad_enabled() and not deter.requires_grad:
+            # Every later step's carry requires grad: the first step's does too, so a compiled
+            # obs_step is one graph, not a second one for a carry without grad (its guard).
+            # The leaf's own gradient is a (B, D) by-product; the weights' are unchanged.
+            deter = deter.detach().requires_grad_()
+            stoch = stoch.detach().requires_grad_()
+        # Each step's action as a contiguous (B, A) block, strided as the first step's zeros or
+        # context action: a compiled obs_step's stride guard holds for every step.
+        step_actions = actions.transpose(0, 1).contiguous()
         deters, stochs, logits = [], [], []
         taps = inputs = None
         if self.batched_wgrad and torch.is_grad_enabled():
@@ -213,7 +222,7 @@ class WorldModel(nn.Module):
                 )
                 for k, x in xs.items():
                     inputs[k].append(x)
-            prev_action = actions[:, t]
+            prev_action = step_actions[t]
             deters.append(deter)
             stochs.append(stoch)
             logits.append(logit)
