@@ -63,6 +63,9 @@ class Agent(nn.Module):
         # A device tensor, refilled in place by the trainer: a changing Python float would make
         # torch.compile recompile every update and be frozen into a captured CUDA graph.
         self.entropy_coef = torch.tensor(actor_entropy_coef_at(t, 0), device=self.device)
+        # policy()'s greedy flag as a device tensor: a compiled _policy is one graph for acting
+        # and evaluating, instead of a second compile guarded on the flag's value.
+        self.greedy_flags = {v: torch.tensor(v, device=self.device) for v in (False, True)}
         # Data-parallel training (engine.distributed) sets this to its gradient average.
         self.grad_reduce = None
 
@@ -148,15 +151,7 @@ class Agent(nn.Module):
     ) -> tuple[Tensor, Carry]:
         """One environment step for N envs: obs (N, ...) -> action indices (N,), next carry."""
         with autocast(self.opts, self.device):
-            # greedy as a tensor: a compiled _policy is one graph for acting and evaluating,
-            # instead of a second compile guarded on the flag's value.
-            return self._policy(obs, carry, self._flag(greedy))
-
-    def _flag(self, value: bool) -> Tensor:
-        flags = self.__dict__.setdefault("_flags", {})
-        if value not in flags:
-            flags[value] = torch.tensor(value, device=self.device)
-        return flags[value]
+            return self._policy(obs, carry, self.greedy_flags[bool(greedy)])
 
     def _policy(self, obs: dict[str, Tensor], carry: Carry, greedy: Tensor):
         deter, stoch, prev_action = carry

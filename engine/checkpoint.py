@@ -70,6 +70,12 @@ def staged_path(path: Path) -> Path:
     return path.with_name(path.name + ".next")
 
 
+def rank_path(directory: Path, name: str, rank: int) -> Path:
+    """A torchrun rank's own file of a checkpoint set: NAME.pt on rank 0, NAME.rank<r>.pt on
+    rank r (replay shards, a population's counters)."""
+    return directory / (f"{name}.pt" if rank == 0 else f"{name}.rank{rank}.pt")
+
+
 def member_replay(run_dir: Path) -> tuple[Path, int, int] | None:
     """Where a population member's replay lives when its directory (POP/member_XX) is resumed as
     a single run: (the population's replay file holding its envs, its index among that file's
@@ -90,4 +96,4 @@ def member_replay(run_dir: Path) -> tuple[Path, int, int] | None:
     if not per_rank or member >= size:
         return None
     rank, index = divmod(member, per_rank)
-    return pop / ("replay.pt" if rank == 0 else f"replay.rank{rank}.pt"), index, per_rank
+    return rank_path(pop, "replay", rank), index, per_rank

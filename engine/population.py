@@ -929,8 +929,7 @@ class PopulationTrainer(Trainer):
 
     def _population_path(self) -> Path:
         """This rank's counters, members' status and RNG: population.pt, population.rank<r>.pt."""
-        suffix = f".rank{self.rank}" if self.rank else ""
-        return self.ckpt_dir / f"population{suffix}.pt"
+        return checkpoint.rank_path(self.ckpt_dir, "population", self.rank)
 
     def _settle_population(self, path: Path) -> None:
         """Make this rank's population file the one of the latest step whose set every rank

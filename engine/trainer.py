@@ -600,7 +600,7 @@ class Trainer:
 
     def _replay_path(self) -> Path:
         """replay.pt; under torchrun, rank r > 0 keeps its shard in replay.rank<r>.pt."""
-        return self.ckpt_dir / ("replay.pt" if self.rank == 0 else f"replay.rank{self.rank}.pt")
+        return checkpoint.rank_path(self.ckpt_dir, "replay", self.rank)
 
     def _check_world_size(self, path: Path) -> None:
         """A checkpoint resumes with the world size that wrote it (each rank's replay shard and
@@ -651,35 +651,23 @@ class Trainer:
         file was written with the checkpoint just loaded; otherwise says why it refills."""
         if not self.cfg.log.checkpoint_replay:
             return False
-        path, c = self._replay_path(), self.counters
-        if (staged := checkpoint.staged_path(path)).is_file():
-            # Written by a run killed before its commit: the replay of the checkpoint just
-            # loaded (killed after latest.pt was written) or of one never written.
-            held = checkpoint.peek(staged) or {}
-            if (held.get("step"), held.get("env_steps")) == (c["step"], c["env_steps"]):
-                os.replace(staged, path)
-            else:
-                staged.unlink()
-        why, member, of = None, None, ""
-        if not path.is_file() and self.world == 1 and self.cfg.population.size == 1:
-            # A population member resumed alone: its envs' slice of the population's replay.
-            if (found := checkpoint.member_replay(self.run_dir)) and found[0].is_file():
-                path, member, per_file = found
-                of = f" of {self.run_dir.name}"
+        self._settle_staged_replay()
+        path, member = self._replay_source()
+        why = None
         if not path.is_file():
             why = f"no {path.name} beside the checkpoint"
         else:
             try:
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                # Both counters: during the random bootstrap every checkpoint is at update 0.
-                if (state["step"], state["env_steps"]) != (c["step"], c["env_steps"]):
+                if not self._holds_this_step(state):
+                    c = self.counters
                     why = (
                         f"{path.name} holds update {state['step']} (env step "
                         f"{state['env_steps']}), the checkpoint {c['step']} ({c['env_steps']})"
                     )
                 else:
                     if member is not None:
-                        state = _member_slice(state, member, per_file)
+                        state = _member_slice(state, *member)
                     self.replay.load_state_dict(state)
             except ValueError as e:
                 why = f"{path.name} does not fit this replay ({e})"
@@ -688,8 +676,38 @@ class Trainer:
         if why is not None:
             self.progress.write(f"notice: {why}: refilling the replay")
             return False
+        of = "" if member is None else f" of {self.run_dir.name}"
         self.progress.write(f"restored the replay: {len(self.replay):,} env steps{of} from {path}")
         return True
+
+    def _holds_this_step(self, state: dict) -> bool:
+        """Whether a saved replay was written with the checkpoint just loaded (both counters:
+        during the random bootstrap every checkpoint is at update 0)."""
+        c = self.counters
+        return (state.get("step"), state.get("env_steps")) == (c["step"], c["env_steps"])
+
+    def _settle_staged_replay(self) -> None:
+        """A replay.pt.next left by a run killed before its commit: the replay of the checkpoint
+        just loaded (killed after latest.pt was written) is committed, any other dropped."""
+        path = self._replay_path()
+        staged = checkpoint.staged_path(path)
+        if staged.is_file():
+            if self._holds_this_step(checkpoint.peek(staged) or {}):
+                os.replace(staged, path)
+            else:
+                staged.unlink()
+
+    def _replay_source(self) -> tuple[Path, tuple[int, int] | None]:
+        """The replay file to restore and, for a population member resumed alone (no replay.pt
+        of its own), (its index, the members the file holds): its envs' slice of the
+        population's replay."""
+        path = self._replay_path()
+        if path.is_file() or self.world > 1 or self.cfg.population.size > 1:
+            return path, None
+        found = checkpoint.member_replay(self.run_dir)
+        if found is None or not found[0].is_file():
+            return path, None
+        return found[0], found[1:]
 
     def param_summary(self) -> str:
         a = self.agent
