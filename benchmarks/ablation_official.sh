@@ -7,6 +7,12 @@
 #   bash benchmarks/ablation_official.sh CONFIG OUT [SEEDS] [MAX_STEPS] [PARALLEL] [extra sweep args]
 #   bash benchmarks/ablation_official.sh configs/cartpole_d64.toml sweeps/cp_ablation 2 2500 2
 #
+# Every switched key is a member setting (config.GRID_KEYS), so `--population 9` after the five
+# positional arguments trains all arms of a seed as one population process (extra sweep args
+# such as `--set general.compile=true` follow it; a later --set wins over the threads=1 below):
+#   bash benchmarks/ablation_official.sh configs/lunarlander_d64.toml sweeps/ll_ablation 1 10000 1 \
+#       --population 9 --set general.threads=2 --set train.replay_buffer_size=100000
+#
 # The base arm's loss scale is beta_dyn 0.5 (the d64 configs before the ablation); the "scales"
 # arm is the official 1.0. Runs use one thread each (--parallel of them share the CPU).
 set -euo pipefail

@@ -30,17 +30,20 @@ class Agent(nn.Module):
         device: torch.device | str = "cpu",
         opts: FastOptions | None = None,
         member: bool = False,
+        mixed: frozenset[str] = frozenset(),
     ):
         """`member`: one agent of a population (engine.population), its per-member settings
-        held as tensors so that the members' values stack."""
+        held as tensors so that the members' values stack; `mixed`: the config.SWITCH_KEYS
+        the population's members differ in (their modules then hold those as tensors too)."""
         super().__init__()
         opts = opts or FastOptions()
         self.cfg, self.opts, self.device = cfg, opts, torch.device(device)
         self.num_actions = num_actions
+        flag = "models.twohot_space" in mixed
         self.wm = WorldModel(
-            cfg, vector_dim, num_actions, opts.kernels, opts.batched_wgrad, member=member
+            cfg, vector_dim, num_actions, opts.kernels, opts.batched_wgrad, member, flag
         )
-        self.behavior = Behavior(cfg, num_actions, opts.kernels, member=member)
+        self.behavior = Behavior(cfg, num_actions, opts.kernels, member, flag)
         self.to(device)  # before the optimizers: their state lives beside the parameters
         t = cfg.train
         lr = effective_lrs(t)  # scaled with the batch size under train.lr_scaling
@@ -60,6 +63,9 @@ class Agent(nn.Module):
             self.behavior.critic.parameters(), lr["critic_lr"], clip=t.critic_grad_clip, **kw
         )
         self.replay_context = t.replay_context
+        # A population whose members differ in train.replay_context sets this to (K,) flags:
+        # the other members' rows start from zeros, as without context.
+        self.context_members: Tensor | None = None
         # A device tensor, refilled in place by the trainer: a changing Python float would make
         # torch.compile recompile every update and be frozen into a captured CUDA graph.
         self.entropy_coef = torch.tensor(actor_entropy_coef_at(t, 0), device=self.device)
@@ -127,6 +133,8 @@ class Agent(nn.Module):
                 dists.onehot(batch["action"][:, 0], self.num_actions),
             )
             batch = {k: v[:, 1:] for k, v in batch.items()}
+            if self.context_members is not None:
+                start = _context_start(start, self.context_members)
         with nvtx_range("world_model/forward"), autocast(self.opts, self.device):
             loss, metrics, posterior = self.wm.loss(batch, start)
         return loss, metrics, posterior, batch
@@ -159,3 +167,14 @@ class Agent(nn.Module):
         deter, stoch, _ = self.wm.obs_step(deter, stoch, prev_action, token, obs["is_first"])
         action = self.behavior.act(self.wm.feat(deter, stoch), greedy)
         return action, (deter, stoch, dists.onehot(action, self.num_actions, deter.dtype))
+
+
+def _context_start(start: Carry, members: Tensor) -> Carry:
+    """The replay context for a population whose members differ in using it: `members` (K,)
+    flags, member k's rows k*B .. k*B + B - 1. A member without context starts from zeros,
+    which is what `WorldModel.observe` starts from without a `start` (its first step marked
+    first resets to the same zeros)."""
+    on = members.bool().repeat_interleave(start[0].shape[0] // members.shape[0])
+    return tuple(
+        torch.where(on.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros_like(x)) for x in start
+    )

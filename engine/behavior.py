@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from engine import dists
 from engine.config import Config
-from engine.nets import MLP, hold_settings
+from engine.nets import MLP, hold_settings, hold_space
 from engine.nvtx import nvtx_range
 
 
@@ -102,13 +102,22 @@ class ReturnNorm(nn.Module):
 
 
 class Behavior(nn.Module):
-    def __init__(self, cfg: Config, num_actions: int, kernels: str = "torch", member: bool = False):
-        """`member`: a population member's, its per-member settings held as tensors."""
+    def __init__(
+        self,
+        cfg: Config,
+        num_actions: int,
+        kernels: str = "torch",
+        member: bool = False,
+        space_flag: bool = False,
+    ):
+        """`member`: a population member's, its per-member settings held as tensors;
+        `space_flag`: its two-hot space too (`hold_space`)."""
         super().__init__()
         self.kernels = kernels
         m, t = cfg.models, cfg.train
         feat, units, layers = cfg.deter + cfg.stoch, m.d_hidden, m.encoder.mlp.n_layers
-        self.num_actions, self.horizon, self.space = num_actions, t.num_dream_steps, m.twohot_space
+        self.num_actions, self.horizon = num_actions, t.num_dream_steps
+        hold_space(self, m.twohot_space, space_flag)
         settings = dict(unimix=m.unimix, gamma=t.gamma, lam=t.lam, repval_scale=t.repval_scale)
         settings.update(slow_rate=t.slow_critic_rate, slow_reg=t.slow_critic_reg)
         hold_settings(self, settings, member)

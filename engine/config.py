@@ -331,9 +331,23 @@ MEMBER_KEYS = (
     "models.free_bits",
     "models.unimix",
 )
+# The official-detail switches (README "Official DreamerV3 details") a member may also hold on
+# its own, so that an ablation of them is one population: their values are names or flags, not
+# rates, and PBT never perturbs them (an exploiting member takes its source's). The two-hot
+# space, the optimizer and the replay context are then chosen per member by a tensor flag (both
+# variants computed, one kept: a population mixing them pays for both); the initialisation and
+# the return normaliser's start only act when a member is built.
+SWITCH_KEYS = (
+    "models.twohot_space",
+    "models.init",
+    "train.optimizer",
+    "train.lr_warmup_steps",
+    "train.retnorm_init",
+    "train.replay_context",
+)
 # A member grid may also give each member its own seed (engine.sweep --population packs a grid's
 # seeds this way); without it member i has general.seed + i. PBT never perturbs it.
-GRID_KEYS = (*MEMBER_KEYS, "general.seed")
+GRID_KEYS = (*MEMBER_KEYS, *SWITCH_KEYS, "general.seed")
 
 
 @dataclass
@@ -795,6 +809,12 @@ def member_configs(cfg: Config, src: str = "config") -> list[Config]:
         validate(member, f"{src}: population member {i}")
         out.append(member)
     return out
+
+
+def mixed_switches(cfgs: list[Config]) -> frozenset[str]:
+    """The SWITCH_KEYS whose values differ between `cfgs` (a population's members): those the
+    members' modules and optimizers choose per member by a tensor flag."""
+    return frozenset(k for k in SWITCH_KEYS if len({str(get_key(c, k)) for c in cfgs}) > 1)
 
 
 def _validate_entropy_coef(coef: float | Schedule, need: Any) -> None:

@@ -44,6 +44,16 @@ def hold_settings(module: nn.Module, values: dict[str, float], tensors: bool = F
             setattr(module, name, float(value))
 
 
+def hold_space(module: nn.Module, space: str, flag: bool = False) -> None:
+    """`module.space`, the two-hot encoding its losses and predictions use: the name, or with
+    `flag` (a population whose members differ in it) a 0-dim bool buffer, True for "real",
+    stacked per member like hold_settings' values (kernels/twohot.py selects per member)."""
+    if flag:
+        module.register_buffer("space", torch.tensor(space == "real"), persistent=False)
+    else:
+        module.space = space
+
+
 class Linear(nn.Linear):
     """`fan_in` overrides the input width in the init, for a layer that is one part of a wider
     one (its other part applied elsewhere)."""

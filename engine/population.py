@@ -46,6 +46,7 @@ from engine import checkpoint, distributed
 from engine.agent import Agent, Carry
 from engine.config import (
     MEMBER_KEYS,
+    SWITCH_KEYS,
     Config,
     ConfigError,
     Schedule,
@@ -54,12 +55,14 @@ from engine.config import (
     from_dict,
     get_key,
     member_configs,
+    mixed_switches,
     plain_value,
     save_toml,
     set_key,
     to_dict,
     validate,
 )
+from engine.dists import make_bins
 from engine.episodes import episode_ends
 from engine.fast import FastOptions
 from engine.health import early_stop_reason, solved_reason, unhealthy
@@ -137,12 +140,12 @@ class PopulationAgent:
         if opts.kernels != "torch" or opts.batched_wgrad:
             raise ValueError("a population runs the torch kernels, without batched_wgrad")
         self.device, self.num_actions = torch.device(device), num_actions
-        cfg = self.cfg = cfgs[0]
-        self.replay_context = cfg.train.replay_context
+        self.cfg = cfgs[0]
+        self.mixed = mixed = mixed_switches(cfgs)
         members = []
         for c in cfgs:
             torch.manual_seed(c.general.seed)
-            members.append(Agent(c, vector_dim, num_actions, device, opts, member=True))
+            members.append(Agent(c, vector_dim, num_actions, device, opts, True, mixed))
         # Member names in the single agent's order (its optimizers' parameter order too).
         self.param_names = [n for n, _ in members[0].named_parameters()]
         self.buffer_names = [n for n, _ in members[0].named_buffers()]
@@ -163,6 +166,12 @@ class PopulationAgent:
         template = self.template = members[0]
         template.wm_opt = template.actor_opt = template.critic_opt = None
         template.to("meta")
+        # The replay stores posteriors when any member starts from them; members that do not
+        # start from zeros (Agent.context_members).
+        self.replay_context = template.replay_context = any(c.train.replay_context for c in cfgs)
+        if "train.replay_context" in mixed:
+            flags = [float(c.train.replay_context) for c in cfgs]
+            template.context_members = torch.tensor(flags, device=self.device)
         self.shell = _Shell(template)
         del members
         self.wm_params = self._group("wm.")
@@ -176,8 +185,9 @@ class PopulationAgent:
         ]
         t = [c.train for c in cfgs]
         lrs = [effective_lrs(x) for x in t]
-        common = dict(kind=cfg.train.optimizer, warmup=cfg.train.lr_warmup_steps)
         per = dict(
+            kind=[x.optimizer for x in t],
+            warmup=[x.lr_warmup_steps for x in t],
             betas=([x.adam_beta1 for x in t], [x.adam_beta2 for x in t]),
             eps=[x.adam_eps for x in t],
             weight_decay=[x.weight_decay for x in t],
@@ -189,7 +199,6 @@ class PopulationAgent:
                 self.size,
                 [lr[f"{name}_lr"] for lr in lrs],
                 clip=[getattr(x, f"{name}_grad_clip") for x in t],
-                **common,
                 **per,
             )
             for name, params in (
@@ -203,11 +212,8 @@ class PopulationAgent:
         )
         self.slow_rate = self.buffers["behavior.slow_rate"]
         if opts.compile:
-            # The stacked optimizers run as per-tensor passes (no fused kernel takes one
-            # learning rate per member): compiled, each step is a few fused loops instead of
-            # ~15 ATen ops per tensor.
             for opt in self.optimizers().values():
-                opt._apply = torch.compile(opt._apply, dynamic=False)
+                opt.compile()
         for path, name, arg_dims, out_dims in MEMBER_CALLS:
             call = self._member_call(path, name, arg_dims, out_dims)
             if opts.compile:
@@ -365,11 +371,20 @@ class PopulationAgent:
             value = float(get_key(cfg, key))
             for name in names:
                 self.buffers[name][k] = value
+        space = cfg.models.twohot_space
+        for module in ("wm", "behavior"):
+            if f"{module}.space" in self.buffers:  # a population mixing the two-hot spaces
+                self.buffers[f"{module}.space"][k] = space == "real"
+                bins = self.buffers[f"{module}.bins"]
+                bins[k] = make_bins(bins.shape[-1], space=space, device=bins.device)
+        if self.template.context_members is not None:
+            self.template.context_members[k] = float(cfg.train.replay_context)
         t, lrs = cfg.train, effective_lrs(cfg.train)
         for group, opt in self.optimizers().items():
             opt.lr[k], opt.clip[k] = lrs[f"{group}_lr"], getattr(t, f"{group}_grad_clip")
             opt.b1[k], opt.b2[k], opt.eps[k] = t.adam_beta1, t.adam_beta2, t.adam_eps
             opt.weight_decay[k], opt.agc[k] = t.weight_decay, t.agc
+            opt.laprop[k], opt.warmup[k] = t.optimizer == "laprop", t.lr_warmup_steps
             opt._note_clips()
         self.cfgs[k] = cfg
 
@@ -563,6 +578,10 @@ class PopulationTrainer(Trainer):
         self._refresh_active()
 
     # ---- Building ---------------------------------------------------------------------------
+
+    def stores_context(self) -> bool:
+        """Whether the replay stores posteriors: for any member that starts from them."""
+        return any(m.train.replay_context for m in self.all_member_cfgs)
 
     def _make_agent(self) -> PopulationAgent:
         self.opts, notices = population_options(self.opts)
@@ -1010,7 +1029,7 @@ class PopulationTrainer(Trainer):
     def _restore_pbt_settings(self, saved: list[dict]) -> None:
         """The grid settings PBT gave each member (saved with the counters), over the grid's
         own: a resumed PBT run goes on with the perturbed learning rates, not the first ones."""
-        keys = [key for key in self.cfg.population.grid if key in MEMBER_KEYS]
+        keys = [key for key in self.cfg.population.grid if key in (*MEMBER_KEYS, *SWITCH_KEYS)]
         for member, raw in zip(self.all_member_cfgs, saved):
             before = from_dict(raw)
             for key in keys:

@@ -21,6 +21,7 @@ from engine.nets import (
     WeightGradTap,
     cnn_channels,
     hold_settings,
+    hold_space,
     tapped_linear,
 )
 
@@ -34,9 +35,10 @@ class WorldModel(nn.Module):
         kernels: str = "torch",
         batched_wgrad: bool = False,
         member: bool = False,
+        space_flag: bool = False,
     ):
         """`member`: a population member's model, its per-member settings held as tensors
-        (`hold_settings`)."""
+        (`hold_settings`); `space_flag`: its two-hot space too (`hold_space`)."""
         super().__init__()
         self.kernels, self.batched_wgrad = kernels, batched_wgrad
         m, t = cfg.models, cfg.train
@@ -50,7 +52,8 @@ class WorldModel(nn.Module):
         settings = {k: getattr(t, k) for k in scales}
         hold_settings(self, dict(settings, unimix=m.unimix, free_bits=m.free_bits), member)
         self.use_image, self.use_vector = cfg.env.image, cfg.env.vector
-        self.twohot_space, init = m.twohot_space, m.init
+        hold_space(self, m.twohot_space, space_flag)
+        init = m.init
         units, size = m.d_hidden, cnn.target_size[0]
         feat = self.deter + self.stoch
         token_dim = 0
@@ -234,7 +237,7 @@ class WorldModel(nn.Module):
 
     def reward(self, feat: Tensor) -> Tensor:
         """Predicted reward (the reward head's two-hot expectation), fp32."""
-        return dists.twohot_mean(self.reward_head(feat).float(), self.bins, self.twohot_space)
+        return dists.twohot_mean(self.reward_head(feat).float(), self.bins, self.space)
 
     def cont_prob(self, feat: Tensor) -> Tensor:
         """Predicted probability that the episode continues, fp32: in bf16 a probability of
@@ -280,14 +283,14 @@ class WorldModel(nn.Module):
             metrics["vector_loss"] = sq.mean().detach()
         rew_logits = self.reward_head(feat)
         reward_loss = dists.twohot_loss(
-            rew_logits, batch["reward"], self.bins, impl=self.kernels, space=self.twohot_space
+            rew_logits, batch["reward"], self.bins, impl=self.kernels, space=self.space
         )
         cont_target = (~batch["is_terminal"]).float()
         cont_logit = self.cont_head(feat).squeeze(-1).float()
         cont_loss = -dists.bernoulli_logprob(cont_logit, cont_target)
         pred = pred + sc.reward_scale * reward_loss + sc.cont_scale * cont_loss
         total = (sc.beta_pred * pred + sc.beta_dyn * dyn + sc.beta_rep * rep).mean()
-        floor = dists.twohot_floor(batch["reward"], self.bins, self.twohot_space)
+        floor = dists.twohot_floor(batch["reward"], self.bins, self.space)
         metrics.update(
             wm_loss=total.detach(),
             reward_loss=reward_loss.mean().detach(),

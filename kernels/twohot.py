@@ -71,12 +71,16 @@ def symexp(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.expm1(torch.abs(x))
 
 
-Space = Literal["symlog", "real"]
+Space = Literal["symlog", "real"] | Tensor  # a tensor: per-member flag, True for real
 SPACES = ("symlog", "real")
 
 
-def _check_space(space: str) -> bool:
-    """True for the real space; ValueError (naming it) for anything but 'symlog' or 'real'."""
+def _check_space(space: str | Tensor) -> bool | Tensor:
+    """True for the real space; ValueError (naming it) for anything but 'symlog' or 'real'.
+    A bool tensor (True: real) is returned as it is: a population whose members differ in the
+    space holds it per member, and the reference computes both encodings and selects."""
+    if isinstance(space, Tensor):
+        return space
     if space not in SPACES:
         raise ValueError(f"space must be 'symlog' or 'real', not {space!r}")
     return space == "real"
@@ -110,7 +114,10 @@ def twohot(y: Tensor, bins: Tensor, space: Space = "symlog") -> Tensor:
     on the outer bin. A NaN target gives NaN weights.
     """
     x = y.to(bins.dtype)
-    if not _check_space(space):
+    real = _check_space(space)
+    if isinstance(real, Tensor):
+        x = torch.where(real, x, symlog(x))
+    elif not real:
         x = symlog(x)
     x = x.clamp(bins[0], bins[-1])
     k = bins.numel()
@@ -148,8 +155,15 @@ def twohot_mean(logits: Tensor, bins: Tensor, space: Space = "symlog") -> Tensor
     """
     real = _check_space(space)
     pb = F.softmax(_fp32(logits), -1) * bins
+    if isinstance(real, Tensor):
+        return torch.where(real, _symmetric_sum(pb), symexp(pb.sum(-1)))
     if not real:
         return symexp(pb.sum(-1))
+    return _symmetric_sum(pb)
+
+
+def _symmetric_sum(pb: Tensor) -> Tensor:
+    """sum(pb, -1) with bin i added to its mirror K-1-i first."""
     k = pb.shape[-1]
     m = k // 2
     if k % 2:
@@ -487,6 +501,8 @@ def twohot_loss_triton(
     work without a host sync. The logits gradient has the logits' dtype.
     """
     real = _check_space(space)
+    if isinstance(real, Tensor):
+        raise ValueError("the Triton two-hot kernel takes the space as a name, not a tensor flag")
     _check_inputs(logits, y, bins, y2, coef2)
     return TwoHotLossFunction.apply(logits, y, bins, y2, coef2, real)
 

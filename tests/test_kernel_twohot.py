@@ -605,3 +605,39 @@ def test_cuda_graph_capture(space):
     y.copy_(y.flip(0))
     graph.replay()
     assert torch.equal(grad, step())  # the replay saw the new inputs, same kernels as eager
+
+
+def test_a_tensor_space_flag_selects_per_member_under_vmap():
+    """A population mixing the spaces holds each member's space as a bool tensor (True: real)
+    and its own bins: under vmap every function computes exactly what the named space gives
+    that member, values and logits gradient alike; the Triton kernel refuses a flag."""
+    spaces = ["real", "symlog", "symlog", "real"]
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(4, 6, 255, generator=gen) * 2).requires_grad_(True)
+    y = torch.randn(4, 6, generator=gen) * torch.tensor([1.0, 300.0, 1.0, 300.0])[:, None]
+    y2 = torch.randn(4, 6, generator=gen) * 20
+    bins = torch.stack([T.make_bins(255, space=s) for s in spaces])
+    flags = torch.tensor([s == "real" for s in spaces])
+
+    def each(z, y, y2, bins, flag):
+        return (
+            T.twohot_loss_reference(z, y, bins, y2, 0.3, flag),
+            T.twohot_mean(z, bins, flag),
+            T.twohot_floor(y, bins, flag),
+        )
+
+    out = torch.func.vmap(each)(logits, y, y2, bins, flags)
+    (grad,) = torch.autograd.grad(out[0].sum(), logits)
+    for k, space in enumerate(spaces):
+        z = logits[k].detach().requires_grad_(True)
+        want = each(z, y[k], y2[k], bins[k], space)
+        for got, ref in zip(out, want):
+            torch.testing.assert_close(got[k], ref, rtol=1e-6, atol=1e-6)
+        (ref_grad,) = torch.autograd.grad(want[0].sum(), z)
+        torch.testing.assert_close(grad[k], ref_grad, rtol=1e-6, atol=1e-7)
+        # The flag mattered: the other space's loss differs.
+        other = "symlog" if space == "real" else "real"
+        other_loss = T.twohot_loss_reference(z, y[k], bins[k], y2[k], 0.3, other)
+        assert not torch.allclose(other_loss, want[0])
+    with pytest.raises(ValueError, match="tensor flag"):
+        T.twohot_loss_triton(logits[0].detach(), y[0], bins[0], space=flags[0])

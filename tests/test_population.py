@@ -34,8 +34,8 @@ GRID = {
 K = 4  # member i of a population of 4 against a single agent (issue 12's equivalence)
 
 
-def population_config(*overrides):
-    grid = "{" + ", ".join(f'"{k}" = {v}' for k, v in GRID.items()) + "}"
+def population_config(*overrides, grid=GRID):
+    grid = "{" + ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in grid.items()) + "}"
     sets = [f"population.size={K}", f"population.grid={grid}", "env.image=true", *overrides]
     cfg = load_config("configs/tiny.toml", sets)
     return cfg, member_configs(cfg)
@@ -126,18 +126,80 @@ def test_each_member_updates_as_a_single_agent_with_its_settings():
     assert metrics["kl_rep"].unique().numel() == K
 
 
+# The official-detail switches (README's ablation arms), each member its own mix.
+SWITCHES = {
+    "models.twohot_space": ["real", "symlog", "symlog", "real"],
+    "models.init": ["official", "engine", "official", "engine"],
+    "train.optimizer": ["laprop", "adam", "adam", "laprop"],
+    "train.lr_warmup_steps": [0, 2, 0, 3],
+    "train.retnorm_init": ["zero", "first", "zero", "first"],
+    "train.replay_context": [False, True, False, True],  # member 0's is not the population's
+    "train.agc": [0.3, 0.0, 0.0, 0.3],
+}
+
+
+def switch_members():
+    grid = "{" + ", ".join(f'"{k}" = {json.dumps(v)}' for k, v in SWITCHES.items()) + "}"
+    sets = [f"population.size={K}", f"population.grid={grid}", "env.image=true"]
+    return member_configs(load_config("configs/tiny.toml", sets))
+
+
+@pytest.mark.usefixtures("greedy_sampling")
+def test_members_differing_in_the_official_switches_update_as_single_agents():
+    """An ablation of the official details is one population: each member's two-hot space,
+    optimizer, warm-up, replay context, initialisation and return-normaliser start act as in a
+    single agent with its config, on its rows of the same batch (a member without context gets
+    the batch without the context step, as its own replay would give it)."""
+    members = switch_members()
+    pop = PopulationAgent(members, 4, 2)
+    assert pop.replay_context and pop.template.context_members.tolist() == [0, 1, 0, 1]
+    agents = [single(m) for m in members]
+    for k, agent in enumerate(agents):
+        assert_member_equals(pop, k, agent, exact=True)  # initialised as its own config says
+    cfg = members[0]
+    B, T, L = cfg.train.batch_size, cfg.train.sequence_length, cfg.models.encoder.mlp.latents
+    g = torch.Generator().manual_seed(11)
+    for update, behavior in enumerate((False, True, True)):  # inside both warm-ups
+        batch = make_batch(cfg, K * B, T + 1, seed=update)
+        batch["deter"] = torch.randn(K * B, T + 1, cfg.deter, generator=g).bfloat16()
+        classes = cfg.models.encoder.mlp.latent_categories
+        batch["stoch"] = torch.randint(0, classes, (K * B, T + 1, L), generator=g).short()
+        metrics, (deter, _) = pop.learn(batch, behavior)
+        for k, agent in enumerate(agents):
+            rows = slice(k * B, (k + 1) * B)
+            mine = {n: v[rows] for n, v in batch.items()}
+            if not members[k].train.replay_context:
+                mine = {n: v[:, 1:] for n, v in mine.items() if n not in ("deter", "stoch")}
+            own, (d, _) = agent.learn(mine, behavior)
+            for name, value in own.items():
+                torch.testing.assert_close(
+                    metrics[name][k], value, atol=1e-4, rtol=1e-4, msg=f"update {update} {name}"
+                )
+            torch.testing.assert_close(deter[rows], d, atol=1e-5, rtol=1e-4)
+            assert_member_equals(pop, k, agent)
+    # PBT's exploit hands a member another's switches: set_member_config sets each in place.
+    pop.set_member_config(1, members[0])
+    assert pop.buffers["wm.space"][1] and pop.buffers["behavior.space"][1]
+    assert torch.equal(pop.buffers["wm.bins"][1], pop.buffers["wm.bins"][0])
+    assert pop.template.context_members[1] == 0
+    assert pop.wm_opt.laprop[1] == 1 and pop.wm_opt.warmup[1] == 0
+
+
 @pytest.mark.compiled
 @pytest.mark.usefixtures("greedy_sampling")
 def test_the_compiled_population_update_matches_the_eager_one():
     """general.compile: every member call is compiled (one graph per call and shape, no graph
-    break) and the update equals the eager population's."""
+    break) and the update equals the eager population's, with members differing in their
+    settings and in the official switches (two-hot space and optimizer chosen per member)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     # Adam with a tiny eps turns the rounding noise of a near-zero gradient (~1e-12) into a
     # full lr-sized step of either sign; a larger eps keeps such entries still in both.
-    _, members = population_config("env.image=false", "train.adam_eps=1e-3")
+    _, members = population_config(
+        "env.image=false", "train.adam_eps=1e-3", grid={**GRID, **SWITCHES}
+    )
     eager = PopulationAgent(members, 4, 2)
     compiled = PopulationAgent(members, 4, 2, opts=FastOptions(compile=True))
     B, T = members[0].train.batch_size, members[0].train.sequence_length
@@ -287,7 +349,9 @@ def test_capture_warm_up_updates_are_undone_in_place():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_population_cuda_graph_matches_eager_and_never_syncs():
-    _, members = population_config("env.image=false", "train.adam_eps=1e-3")
+    _, members = population_config(
+        "env.image=false", "train.adam_eps=1e-3", grid={**GRID, **SWITCHES}
+    )
     pop, eager = population_learner(members, "cuda")
     graphs = FastOptions(cuda_graphs=True)
     pop2, graphed = population_learner(members, "cuda", graphs)

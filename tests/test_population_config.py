@@ -9,6 +9,7 @@ import pytest
 
 from engine.config import (
     MEMBER_KEYS,
+    SWITCH_KEYS,
     ConfigError,
     from_dict,
     load_config,
@@ -97,6 +98,12 @@ def test_no_population_table_is_a_population_of_one():
          "population member 1: 'train.gamma'"),
         ('size = 2\n[population.grid]\n"train.actor_lr" = [1e-4, "fast"]',
          "population.grid member 1: 'train.actor_lr' must be float"),
+        ('size = 2\n[population.grid]\n"models.twohot_space" = ["real", "linear"]',
+         "population member 1: 'models.twohot_space' must be symlog|real"),
+        ('size = 2\n[population.grid]\n"train.optimizer" = ["laprop", "sgd"]',
+         "population member 1: 'train.optimizer'"),
+        ('size = 2\n[population.grid]\n"train.replay_context" = [true, "yes"]',
+         "population.grid member 1: 'train.replay_context' must be bool"),
         ("size = 0", "'population.size' must be >= 1"),
         ("size = 2\n[population.pbt]\nquantile = 0.75", "'population.pbt.quantile'"),
         ("size = 2\n[population.pbt]\nperturb = [0.8, -1.0]", "'population.pbt.perturb'"),
@@ -112,7 +119,7 @@ def test_bad_population_tables_are_one_line_errors(tmp_path, table, message):
 
 def test_member_keys_are_config_keys():
     cfg = load_config(ROOT / "configs" / "tiny.toml")
-    for key in MEMBER_KEYS:
+    for key in (*MEMBER_KEYS, *SWITCH_KEYS):
         section, name = key.split(".")
         assert hasattr(getattr(cfg, section), name), key
 

@@ -182,6 +182,23 @@ def test_population_packs_runs_that_share_shapes_and_keeps_each_runs_config():
     assert "population" not in plain.identity()
 
 
+def test_arms_differing_in_the_official_switches_pack_into_one_population():
+    """README's ablation (benchmarks/ablation_official.sh) with --population: every arm's keys
+    are member settings or switches, so all its arms train as one population."""
+    arms = [
+        "base:models.twohot_space=symlog;train.optimizer=adam;train.replay_context=false",
+        "real:models.twohot_space=real;train.optimizer=adam;train.replay_context=false",
+        "opt:models.twohot_space=symlog;train.optimizer=laprop;train.replay_context=false",
+        "ctx:models.twohot_space=symlog;train.optimizer=adam;train.replay_context=true",
+    ]
+    plan = build_plan("configs/tiny.toml", [], 1, None, [], arm_specs=arms, population=4)
+    assert list(plan.packs) == ["population_00"]
+    grid = plan.packs["population_00"].population.grid
+    assert grid["models.twohot_space"] == ["symlog", "real", "symlog", "symlog"]
+    assert grid["train.optimizer"] == ["adam", "adam", "laprop", "adam"]
+    assert grid["train.replay_context"] == [False, False, False, True]
+
+
 def test_population_packs_in_chunks_and_a_lone_run_stays_plain():
     plan = build_plan("configs/tiny.toml", [], seeds=5, max_steps=None, overrides=[], population=2)
     assert [(r.job, r.member) for r in plan.runs] == [
