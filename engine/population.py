@@ -123,7 +123,8 @@ MEMBER_CALLS = (
 
 
 class PopulationAgent:
-    """K agents (one per config of `cfgs`, which differ only in seed and MEMBER_KEYS) with
+    """K agents (one per config of `cfgs`, which differ only in seed, MEMBER_KEYS and
+    SWITCH_KEYS) with
     stacked state. Member k's initial weights are those of a single run seeded like it: each is
     built as `Agent` right after torch.manual_seed(its seed), as the trainer builds one."""
 
@@ -134,14 +135,17 @@ class PopulationAgent:
         num_actions: int,
         device: torch.device | str = "cpu",
         opts: FastOptions | None = None,
+        mixed: frozenset[str] | None = None,
     ):
+        """`mixed`: the config.SWITCH_KEYS held per member as flags (default: those `cfgs`
+        differ in; under torchrun, those the whole population differs in)."""
         self.cfgs, self.size = cfgs, len(cfgs)
         self.opts = opts = opts or FastOptions()
         if opts.kernels != "torch" or opts.batched_wgrad:
             raise ValueError("a population runs the torch kernels, without batched_wgrad")
         self.device, self.num_actions = torch.device(device), num_actions
         self.cfg = cfgs[0]
-        self.mixed = mixed = mixed_switches(cfgs)
+        self.mixed = mixed = mixed_switches(cfgs) if mixed is None else mixed
         members = []
         for c in cfgs:
             torch.manual_seed(c.general.seed)
@@ -168,7 +172,8 @@ class PopulationAgent:
         template.to("meta")
         # The replay stores posteriors when any member starts from them; members that do not
         # start from zeros (Agent.context_members).
-        self.replay_context = template.replay_context = any(c.train.replay_context for c in cfgs)
+        context = any(c.train.replay_context for c in cfgs) or "train.replay_context" in mixed
+        self.replay_context = template.replay_context = context
         if "train.replay_context" in mixed:
             flags = [float(c.train.replay_context) for c in cfgs]
             template.context_members = torch.tensor(flags, device=self.device)
@@ -588,8 +593,12 @@ class PopulationTrainer(Trainer):
         for line in notices:
             self.progress.write(line)
         env = self.env
-        cfgs = self.member_cfgs
-        return PopulationAgent(cfgs, env.vector_dim, env.num_actions, self.device, self.opts)
+        # Under torchrun a rank holds some members, and PBT may hand one a switch value only
+        # another rank's members have: the switches mixed in the whole population are flags.
+        mixed = mixed_switches(self.all_member_cfgs)
+        return PopulationAgent(
+            self.member_cfgs, env.vector_dim, env.num_actions, self.device, self.opts, mixed
+        )
 
     def _entropy_coef_at(self, step: int) -> list[float]:
         return [actor_entropy_coef_at(m.train, step) for m in self.member_cfgs]

@@ -2,6 +2,7 @@
 single Agent with member k's config: same initial weights, same update of the same batch (with
 its own grid settings), same actions; a frozen member does not change."""
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from engine import dists, fast
 from engine.agent import Agent
-from engine.config import load_config, member_configs
+from engine.config import SWITCH_KEYS, load_config, member_configs
 from engine.fast import FastOptions
 from engine.population import MEMBER_CALLS, PopulationAgent
 from engine.replay import Replay, transition_spec
@@ -183,6 +184,25 @@ def test_members_differing_in_the_official_switches_update_as_single_agents():
     assert torch.equal(pop.buffers["wm.bins"][1], pop.buffers["wm.bins"][0])
     assert pop.template.context_members[1] == 0
     assert pop.wm_opt.laprop[1] == 1 and pop.wm_opt.warmup[1] == 0
+
+
+def test_switches_mixed_on_another_rank_are_flags_here_too():
+    """Under torchrun a rank's members may agree on a switch the whole population mixes; PBT
+    can then hand one of them another rank's value, which must take effect."""
+    members = switch_members()
+    rank_members = [members[1], copy.deepcopy(members[1])]  # symlog, Adam, context
+    rank_members[1].general.seed += 10
+    alone = PopulationAgent(rank_members, 4, 2)
+    assert not alone.mixed and "wm.space" not in alone.buffers
+    pop = PopulationAgent(rank_members, 4, 2, mixed=frozenset(SWITCH_KEYS))
+    assert pop.replay_context and pop.template.replay_context
+    other = members[0]  # real, LaProp, no context
+    pop.set_member_config(0, other)
+    assert pop.buffers["wm.space"].tolist() == [True, False]
+    assert pop.template.context_members.tolist() == [0, 1]
+    assert pop.critic_opt.laprop.tolist() == [1, 0]
+    real = dists.make_bins(other.models.num_bins, space="real")
+    assert torch.equal(pop.buffers["behavior.bins"][0], real)
 
 
 @pytest.mark.compiled
