@@ -1,13 +1,14 @@
 """Sweep engine.run over a grid of config values and seeds, resumably, with summary tables.
 
-`python -m engine.sweep --config C --grid train.batch_size=8,16 --seeds 3 [--parallel N]`:
-every combination of the `--grid` values times the seeds 0..N-1 is one `engine.run` process with
-its own run directory under the sweep directory. `--arm NAME:KEY=V;KEY=V` (repeatable) adds named
-sets of overrides as one more grid dimension `arm`, for ablations where each arm changes several
-keys at once (`--arm base:` is the config as it is). The state lives in `sweep.json`, so re-running
-the same command finishes what is missing (done runs are skipped, interrupted runs resume from
-their checkpoint, failed ones restart in a clean directory), and `summary.csv`/`summary.md`
-tabulate the losses and returns of every run and the mean +- std over seeds of every setting.
+`python -m engine.sweep --config C --grid train.batch_size=8,16 --seeds 3 [--parallel N]`: every
+combination of the `--grid` values times the seeds 0..N-1 (`--first-seed S`: S..S+N-1) is one
+`engine.run` process with its own run directory under the sweep directory. `--arm NAME:KEY=V;KEY=V`
+(repeatable) adds named sets of overrides as one more grid dimension `arm`, for ablations where
+each arm changes several keys at once (`--arm base:` is the config as it is). The state lives in
+`sweep.json`, so re-running the same command finishes what is missing (done runs are skipped,
+interrupted runs resume from their checkpoint, failed ones restart in a clean directory), and
+`summary.csv`/`summary.md` tabulate the losses and returns of every run and the mean +- std over
+seeds of every setting.
 
 `--population K` packs the runs that differ only in seed and member settings (config.GRID_KEYS)
 into population processes of up to K members (engine.population): one process and one update
@@ -115,6 +116,8 @@ class Plan:
     runs: list[RunSpec]
     arms: dict[str, list[str]] = field(default_factory=dict)
     population: int = 1
+    first_seed: int = 0
+    """--first-seed: the seeds are first_seed .. first_seed + seeds - 1."""
     """--population: at most this many runs packed into one population process."""
     packs: dict[str, Config] = field(default_factory=dict)
     """Population process name -> its config (population.size and a member grid)."""
@@ -133,7 +136,15 @@ class Plan:
             ident["arms"] = {k: list(v) for k, v in self.arms.items()}
         if self.population > 1:  # the same for --population: its directories differ
             ident["population"] = self.population
+        if self.first_seed:  # absent for seeds from 0, so older sweep directories still continue
+            ident["first_seed"] = self.first_seed
         return ident
+
+
+def _seed_range(ident: dict[str, Any]) -> str:
+    """The sweep's seeds as its summary names them: 3, or 1..2 from --first-seed."""
+    first = ident.get("first_seed", 0)
+    return f"{first}..{first + ident['seeds'] - 1}" if first else str(ident["seeds"])
 
 
 def split_values(text: str) -> list[str]:
@@ -240,14 +251,16 @@ def expand(
     seeds: int,
     fixed: list[str],
     arms: dict[str, list[str]] | None = None,
+    first_seed: int = 0,
 ) -> list[RunSpec]:
-    """Cartesian product of the grid values, seeds innermost; each run's full `--set` list.
-    The `arm` dimension's values name entries of `arms`, whose overrides stand in for them."""
+    """Cartesian product of the grid values, seeds (first_seed ..) innermost; each run's full
+    `--set` list. The `arm` dimension's values name entries of `arms`, whose overrides stand
+    in for them."""
     keys = [k for k, _ in grid]
     combos = [
         (dict(zip(keys, values)), seed)
         for values in itertools.product(*(v for _, v in grid))
-        for seed in range(seeds)
+        for seed in range(first_seed, first_seed + seeds)
     ]
     names = run_names(keys, combos)
 
@@ -286,10 +299,13 @@ def build_plan(
     overrides: list[str],
     arm_specs: list[str] = (),
     population: int = 1,
+    first_seed: int = 0,
 ) -> Plan:
     """Parse and validate everything, every combination included, before anything runs."""
     if seeds < 1:
         raise SweepError(f"--seeds {seeds}: must be >= 1")
+    if first_seed < 0:
+        raise SweepError(f"--first-seed {first_seed}: must be >= 0")
     if population < 1:
         raise SweepError(f"--population {population}: must be >= 1")
     if max_steps is not None and max_steps < 0:
@@ -329,7 +345,7 @@ def build_plan(
         arms[name] = items
     if arms:
         grid.insert(0, (ARM_KEY, list(arms)))
-    runs = expand(grid, seeds, fixed, arms)
+    runs = expand(grid, seeds, fixed, arms, first_seed)
     checked = set()
     for run in runs:
         combo = tuple(run.settings.items())
@@ -358,6 +374,7 @@ def build_plan(
         arms=arms,
         population=population,
         packs=packs,
+        first_seed=first_seed,
     )
 
 
@@ -887,7 +904,7 @@ def summarize(out: Path, state: SweepState) -> tuple[str, str]:
     counts = {s: sum(r.status == s for r in state.runs) for s in STATUSES}
     md = [
         f"# Sweep {out.name}\n",
-        f"config `{ident['config']}`, seeds {ident['seeds']}, max steps "
+        f"config `{ident['config']}`, seeds {_seed_range(ident)}, max steps "
         f"{_fmt(ident['max_steps'])}, overrides "
         f"{' '.join(f'`{o}`' for o in ident['overrides']) or '-'}; runs: "
         + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
@@ -971,6 +988,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a named set of overrides (repeatable): the arms are one more grid dimension",
     )
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per setting (default 1)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="seeds S..S+N-1 instead (more seeds for a finished sweep, in another --out)",
+    )
     p.add_argument("--parallel", type=int, default=1, help="processes at a time (default 1)")
     p.add_argument(
         "--population",
@@ -1037,6 +1061,8 @@ def sweep(argv: list[str] | None = None) -> int:
         raise SweepError("--cluster and --slurm belong to --backend submitit")
     if args.backend != "local" and (args.population > 1 or args.arm):
         raise SweepError(f"--backend {args.backend}: --population and --arm are local-only")
+    if args.backend == "optuna" and args.first_seed:
+        raise SweepError("--first-seed: not for --backend optuna (its seeds are a grid dimension)")
     plan = build_plan(
         args.config,
         args.grid,
@@ -1045,6 +1071,7 @@ def sweep(argv: list[str] | None = None) -> int:
         args.overrides,
         args.arm,
         args.population,
+        args.first_seed,
     )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("sweeps") / f"{Path(args.config).stem}_{stamp}"

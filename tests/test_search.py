@@ -120,6 +120,7 @@ def test_a_requeued_job_resumes_its_run(tmp_path):
         (["--backend", "optuna", "--search", "nope.toml"], "nope.toml: no such file"),
         (["--backend", "submitit", "--population", "2", "--seeds", "2"], "local-only"),
         (["--cluster", "local"], "belong to --backend submitit"),
+        (["--backend", "optuna", "--first-seed", "2"], "--first-seed: not for --backend optuna"),
     ],
 )
 def test_bad_search_input_is_one_line_and_exit_2(tmp_path, args, message):

@@ -21,6 +21,7 @@ from engine.sweep import (
     RunRecord,
     SweepError,
     SweepState,
+    _seed_range,
     _still_running,
     build_plan,
     run_names,
@@ -197,6 +198,27 @@ def test_arms_differing_in_the_official_switches_pack_into_one_population():
     assert grid["models.twohot_space"] == ["symlog", "real", "symlog", "symlog"]
     assert grid["train.optimizer"] == ["adam", "adam", "laprop", "adam"]
     assert grid["train.replay_context"] == [False, False, False, True]
+
+
+def test_first_seed_adds_seeds_to_a_study_in_another_directory():
+    """--first-seed S: seeds S..S+N-1, named and set as such, packed like any seeds, and part of
+    the identity (a directory of seeds 0.. is not continued by it); 0 leaves the identity as
+    before, so older sweep directories still continue."""
+    arms = ["a:train.gamma=0.99", "b:train.gamma=0.95"]
+    plan = build_plan("configs/tiny.toml", [], 2, 3, [], arms, population=4, first_seed=1)
+    assert [r.name for r in plan.runs] == [
+        "arm=a,seed=1",
+        "arm=a,seed=2",
+        "arm=b,seed=1",
+        "arm=b,seed=2",
+    ]
+    assert [r.overrides[-1] for r in plan.runs] == [f"general.seed={s}" for s in (1, 2, 1, 2)]
+    assert plan.packs["population_00"].population.grid["general.seed"] == [1, 2, 1, 2]
+    assert plan.identity()["first_seed"] == 1
+    assert "first_seed" not in build_plan("configs/tiny.toml", [], 2, 3, [], arms).identity()
+    assert _seed_range(plan.identity()) == "1..2"  # how summary.md names them
+    with pytest.raises(SweepError, match="--first-seed -1: must be >= 0"):
+        build_plan("configs/tiny.toml", [], 2, 3, [], first_seed=-1)
 
 
 def test_population_packs_in_chunks_and_a_lone_run_stays_plain():
