@@ -12,6 +12,7 @@
 # such as `--set general.compile=true` follow it; a later --set wins over the threads=1 below):
 #   bash benchmarks/ablation_official.sh configs/lunarlander_d64.toml sweeps/ll_ablation 1 10000 1 \
 #       --population 9 --set general.threads=2 --set train.replay_buffer_size=100000
+# and seeds 1-2 later, in another OUT: SEEDS 2 and `--first-seed 1` after `--population 9`.
 #
 # The base arm's loss scale is beta_dyn 0.5 (the d64 configs before the ablation); the "scales"
 # arm is the official 1.0. Runs use one thread each (--parallel of them share the CPU).
