@@ -174,7 +174,7 @@ def load_run(path: str | Path) -> Run:
     metrics = path / "metrics.jsonl"
     if not metrics.is_file():
         raise ReportError(f"{path}: not a run directory (no metrics.jsonl)")
-    run = Run(path, path.resolve().name, task=_task_of(path))
+    run = Run(path, _absolute(path).name, task=_task_of(path))
     bad = []
     try:
         text = metrics.read_text(errors="replace")
@@ -768,10 +768,16 @@ def label_runs(runs: Sequence[Run]) -> None:
         run.label = label
 
 
+def _absolute(path: Path) -> Path:
+    """The path made absolute without following links: a sweep's run named `arm=real,seed=0`
+    that links to `population_00/member_01` is labelled by its own name."""
+    return Path(os.path.abspath(path))
+
+
 def short_names(paths: Sequence[Path]) -> list[str]:
     """Each path by its shortest tail of parts that no other path ends with; a path given twice
     by itself, as given."""
-    parts = [p.resolve().parts for p in paths]
+    parts = [_absolute(p).parts for p in paths]
     names = []
     for i, mine in enumerate(parts):
         others = [q for j, q in enumerate(parts) if j != i]

@@ -544,3 +544,17 @@ def test_runs_sharing_a_name_are_labelled_by_the_shortest_tail_that_differs(tmp_
     ]
     names = report.short_names([p / "s1" / "x" / "m", p / "s2" / "x" / "m", p / "y"])
     assert names == ["s1/x/m", "s2/x/m", "y"]
+
+
+def test_a_link_to_a_run_is_labelled_by_its_own_name(tmp_path):
+    """engine.sweep --population names each run by a link to its member's directory: the
+    report labels it by the link (the arm), not by the member directory it points to."""
+    member = tmp_path / "population_00" / "member_01"
+    member.mkdir(parents=True)
+    link = tmp_path / "arm=real,seed=0"
+    link.symlink_to(member, target_is_directory=True)
+    assert report.short_names([link, tmp_path / "arm=all,seed=0"]) == [
+        "arm=real,seed=0",
+        "arm=all,seed=0",
+    ]
+    assert report.short_names([Path(".")]) == [Path.cwd().name]
