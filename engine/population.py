@@ -170,8 +170,9 @@ class PopulationAgent:
         template = self.template = members[0]
         template.wm_opt = template.actor_opt = template.critic_opt = None
         template.to("meta")
-        # The replay stores posteriors when any member starts from them; members that do not
-        # start from zeros (Agent.context_members).
+        # The replay (the trainer's follows this flag) stores posteriors when any member of the
+        # population starts from them: with `mixed` from the whole population, the same on every
+        # rank. Members that do not start from zeros (Agent.context_members).
         context = any(c.train.replay_context for c in cfgs) or "train.replay_context" in mixed
         self.replay_context = template.replay_context = context
         if "train.replay_context" in mixed:
@@ -583,10 +584,6 @@ class PopulationTrainer(Trainer):
         self._refresh_active()
 
     # ---- Building ---------------------------------------------------------------------------
-
-    def stores_context(self) -> bool:
-        """Whether the replay stores posteriors: for any member that starts from them."""
-        return any(m.train.replay_context for m in self.all_member_cfgs)
 
     def _make_agent(self) -> PopulationAgent:
         self.opts, notices = population_options(self.opts)

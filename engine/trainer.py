@@ -167,7 +167,7 @@ class Trainer:
             self.replay,
             self.device,
             np.random.default_rng(seed + c["env_steps"]),
-            self.stores_context(),
+            self.agent.replay_context,
             self._episode_end,
         )
         self.evaluator = Evaluator(
@@ -229,17 +229,13 @@ class Trainer:
                 f"train.replay_buffer_size{lower}"
             )
 
-    def stores_context(self) -> bool:
-        """Whether the replay stores each step's posterior (train.replay_context)."""
-        return bool(self.cfg.train.replay_context)
-
     def _shard_size(self) -> int:
         """The replay steps this rank holds."""
         return max(1, self.cfg.train.replay_buffer_size // self.shards)
 
     def _replay_spec(self):
         cfg = self.cfg
-        context = (cfg.deter, cfg.models.encoder.mlp.latents) if self.stores_context() else None
+        context = (cfg.deter, cfg.models.encoder.mlp.latents) if self.agent.replay_context else None
         return transition_spec(
             cfg.image_size, self.env.vector_dim if cfg.env.vector else 0, context
         )
@@ -396,7 +392,7 @@ class Trainer:
         return (
             c["env_steps"] >= self.train_from
             and c["episodes"] - self.episodes_at_start >= t.min_buffer_episodes
-            and self.replay.can_sample(t.sequence_length + self.stores_context())
+            and self.replay.can_sample(t.sequence_length + self.agent.replay_context)
         )
 
     def _episode_end(self, env: int, ret: float, length: int) -> None:
