@@ -1,0 +1,247 @@
+"""The table of an ablation run with `engine.sweep` (benchmarks/ablation_official.sh): per arm and
+seed, the greedy evals from update --from on (their mean +- its standard error over the evals,
+the difference to the reference arm of the same seed, how the episodes ended), and the
+re-evaluation of each final agent, when `engine.evaluate --json` wrote one into the run:
+
+    for d in sweeps/ll_ablation/arm=*; do
+        python -m engine.evaluate "$d" --checkpoint latest --episodes 50 --json "$d/reeval.json"
+    done
+    python -m benchmarks.ablation_table sweeps/ll_ablation --from 2500 --out table.md
+
+Several sweep directories (seeds run as separate sweeps, `--first-seed`) make one table; with
+more than one seed per arm it adds the mean +- std over seeds. The arms of one seed in one
+population see the same environment seeds, so the difference to the reference arm is paired."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.episodes import END_TEXT
+from engine.logger import fmt_value, md_table, read_metrics
+
+
+class TableError(Exception):
+    pass
+
+
+@dataclass
+class Eval:
+    step: int
+    returns: list[float]
+    ends: dict[str, int]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.returns)
+
+
+@dataclass
+class Run:
+    arm: str
+    seed: int
+    path: Path
+    status: str
+    evals: list[Eval] = field(default_factory=list)
+    steps: int | None = None
+    reeval: dict[str, Any] | None = None
+
+
+def _arm(settings: dict[str, str]) -> str:
+    """The run's arm: its `arm` setting, then any other grid setting as key=value."""
+    parts = [settings["arm"]] if "arm" in settings else []
+    parts += [f"{k}={v}" for k, v in settings.items() if k != "arm"]
+    return ",".join(parts) or "run"
+
+
+def _evals(records: list[dict[str, Any]]) -> list[Eval]:
+    out = []
+    for r in records:
+        returns = r.get("eval_returns")
+        if r.get("type") != "eval" or not isinstance(returns, list) or not returns:
+            continue
+        ends = {k: int(r[f"eval_{k}"]) for k in END_TEXT if isinstance(r.get(f"eval_{k}"), int)}
+        out.append(Eval(int(r["step"]), [float(x) for x in returns], ends))
+    return out
+
+
+def load(sweep: Path, reeval_name: str) -> list[Run]:
+    """The runs of one engine.sweep --out directory, with their evals and re-evaluation."""
+    state = sweep / "sweep.json"
+    if not sweep.is_dir():
+        raise TableError(f"{sweep}: no such directory")
+    try:
+        doc = json.loads(state.read_text())
+        specs = [(r["name"], r["settings"], int(r["seed"]), r["status"]) for r in doc["runs"]]
+    except FileNotFoundError:
+        raise TableError(f"{sweep}: holds no sweep.json (not an engine.sweep --out)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise TableError(f"{state}: unreadable sweep state ({type(e).__name__}: {e})") from None
+    runs = []
+    for name, settings, seed, status in specs:
+        path = sweep / name
+        records = read_metrics(path)
+        steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+        run = Run(_arm(settings), seed, path, status, _evals(records), max(steps, default=None))
+        file = path / reeval_name
+        if file.is_file():
+            try:
+                run.reeval = json.loads(file.read_text())
+                float(run.reeval["mean"]), int(run.reeval["episodes"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise TableError(f"{file}: not an engine.evaluate --json record ({e})") from None
+        runs.append(run)
+    return runs
+
+
+def window(run: Run, first: int, last: int | None) -> list[Eval]:
+    return [e for e in run.evals if e.step >= first and (last is None or e.step <= last)]
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (None for one value)."""
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
+def _pm(m: float | None, s: float | None, digits: int = 1) -> str:
+    if m is None:
+        return "-"
+    return f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
+
+
+def _ends(counts: dict[str, int]) -> str:
+    return " / ".join(str(counts.get(k, 0)) for k in counts) if counts else "-"
+
+
+def _end_kinds(runs: list[Run]) -> list[str]:
+    kinds: list[str] = []
+    for run in runs:
+        for e in run.evals:
+            kinds += [k for k in e.ends if k not in kinds]
+    return kinds
+
+
+def build(
+    runs: list[Run], first: int, last: int | None, reference: str, title: str | None = None
+) -> str:
+    """The markdown: per run, over seeds (when an arm has several), and every eval."""
+    if not runs:
+        raise TableError("no runs")
+    arms = list(dict.fromkeys(r.arm for r in runs))
+    kinds = _end_kinds(runs)
+    ends_head = "/".join(END_TEXT[k].replace("at the ", "") for k in kinds) or "ends"
+    span = f"{first:,}" + (f"-{last:,}" if last is not None else " on")
+    scores: dict[tuple[str, int], float] = {}
+    for run in runs:
+        evals = window(run, first, last)
+        if evals:
+            scores[run.arm, run.seed] = statistics.fmean(e.mean for e in evals)
+
+    def vs_ref(run: Run) -> float | None:
+        own, ref = scores.get((run.arm, run.seed)), scores.get((reference, run.seed))
+        return None if own is None or ref is None or run.arm == reference else own - ref
+
+    md = [f"# {title}\n"] if title else []
+    md.append(
+        f"Greedy evals from update {span}: the mean of the evals' mean returns ± its standard "
+        f"error over the evals; `vs {reference}`: that mean minus the `{reference}` arm's of the "
+        f"same seed; ends ({ends_head}): how the window's eval episodes ended. Re-eval: "
+        "`engine.evaluate --json` of the final agent (mean ± std over its episodes).\n"
+    )
+    header = ["arm", "seed", "status", "updates", "evals", "mean", f"vs {reference}"]
+    header += [f"ends ({ends_head})", "final eval", "re-eval", "re-eval >= target", "re-eval ends"]
+    rows = []
+    for run in sorted(runs, key=lambda r: (arms.index(r.arm), r.seed)):
+        evals = window(run, first, last)
+        counts = {k: sum(e.ends.get(k, 0) for e in evals) for k in kinds}
+        m, se = mean_se([e.mean for e in evals]) if evals else (None, None)
+        diff = vs_ref(run)
+        re = run.reeval
+        rows.append(
+            [run.arm, str(run.seed), run.status, fmt_value(run.steps), str(len(evals))]
+            + [_pm(m, se), "-" if diff is None else f"{diff:+.1f}"]
+            + [_ends(counts) if evals else "-"]
+            + [f"{run.evals[-1].mean:.1f}" if run.evals else "-"]
+            + (
+                [
+                    f"{re['mean']:.1f} ± {re.get('std', float('nan')):.1f} "
+                    f"({re['episodes']} ep, update {fmt_value(re.get('step'))})",
+                    f"{re.get('at_target', '-')}/{re['episodes']}",
+                    _ends(re.get("end_counts") or {}),
+                ]
+                if re
+                else ["-", "-", "-"]
+            )
+        )
+    md.append(md_table(header, rows))
+
+    seeds_of = {a: sorted({r.seed for r in runs if r.arm == a}) for a in arms}
+    if any(len(s) > 1 for s in seeds_of.values()):
+        md.append(
+            "## Over seeds\n\nMean ± std over the seeds of each arm of the per-run figures above.\n"
+        )
+        rows = []
+        for arm in arms:
+            mine = [r for r in runs if r.arm == arm]
+            cells = [arm, ", ".join(map(str, seeds_of[arm]))]
+            for values in (
+                [scores[arm, r.seed] for r in mine if (arm, r.seed) in scores],
+                [d for d in map(vs_ref, mine) if d is not None],
+                [float(r.reeval["mean"]) for r in mine if r.reeval],
+            ):
+                sd = statistics.stdev(values) if len(values) > 1 else None
+                cells.append(_pm(statistics.fmean(values), sd) if values else "-")
+            hits = [(r.reeval.get("at_target", 0), r.reeval["episodes"]) for r in mine if r.reeval]
+            cells.append(f"{sum(h for h, _ in hits)}/{sum(n for _, n in hits)}" if hits else "-")
+            rows.append(cells)
+        head = ["arm", "seeds", f"mean from {first:,}", f"vs {reference}", "re-eval"]
+        md.append(md_table(head + ["re-eval >= target"], rows))
+
+    steps = sorted({e.step for r in runs for e in r.evals})
+    md.append("## Every eval\n\nThe mean return of each greedy eval, by update.\n")
+    rows = []
+    for run in sorted(runs, key=lambda r: (arms.index(r.arm), r.seed)):
+        at = {e.step: e.mean for e in run.evals}
+        rows.append([run.arm, str(run.seed)] + [f"{at[s]:.0f}" if s in at else "" for s in steps])
+    md.append(md_table(["arm", "seed"] + [f"{s:,}" for s in steps], rows))
+    return "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ablation_table", description=__doc__)
+    p.add_argument("sweeps", nargs="+", metavar="SWEEP", help="engine.sweep --out directories")
+    p.add_argument("--from", dest="first", type=int, default=0, help="first update of the window")
+    p.add_argument("--to", dest="last", type=int, help="last update of the window (default: all)")
+    p.add_argument("--reference", default="base", help="the arm others are compared to")
+    p.add_argument("--reeval", default="reeval.json", help="the re-evaluation's file in each run")
+    p.add_argument("--title", help="a heading for the markdown")
+    p.add_argument("--out", help="also write the markdown here")
+    args = p.parse_args(argv)
+    try:
+        if args.last is not None and args.last < args.first:
+            raise TableError(f"--to {args.last} is before --from {args.first}")
+        runs = [run for s in args.sweeps for run in load(Path(s), args.reeval)]
+        text = build(runs, args.first, args.last, args.reference, args.title)
+    except TableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(text)
+    if args.out:
+        from engine.checkpoint import atomic_write
+
+        try:
+            atomic_write(Path(args.out), lambda tmp: tmp.write_text(text))
+        except OSError as e:
+            print(f"error: {args.out}: {e.strerror or e}", file=sys.stderr)
+            sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
