@@ -8,6 +8,10 @@ re-evaluation of each final agent, when `engine.evaluate --json` wrote one into 
     done
     python -m benchmarks.ablation_table sweeps/ll_ablation --from 2500 --out table.md
 
+`--save DIR` keeps what the table is made of (sweep.json; each run's config.toml, re-evaluation
+and the eval records of its metrics.jsonl, a few KB) as a sweep directory the table reads, to
+commit beside the results: a table over seeds trained in different sessions is then
+`python -m benchmarks.ablation_table SAVED_SEED0 SAVED_SEED1 ...`.
 Several sweep directories (seeds run as separate sweeps, `--first-seed`) make one table; with
 more than one seed per arm it adds the mean +- std over seeds. The arms of one seed in one
 population see the same environment seeds, so the difference to the reference arm is paired."""
@@ -98,6 +102,32 @@ def load(sweep: Path, reeval_name: str) -> list[Run]:
                 raise TableError(f"{file}: not an engine.evaluate --json record ({e})") from None
         runs.append(run)
     return runs
+
+
+def save(sweep: Path, dest: Path, reeval_name: str) -> None:
+    """The table's inputs of `sweep` as a sweep directory in `dest` (a new directory)."""
+    import shutil
+
+    if dest.exists():
+        raise TableError(f"{dest}: exists; --save writes a new directory")
+    doc = json.loads((sweep / "sweep.json").read_text())
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for r in doc["runs"]:
+        src, out = sweep / r["name"], tmp / r["name"]
+        out.mkdir(parents=True)
+        records = read_metrics(src)
+        kept = [x for x in records if x.get("type") == "eval"]
+        stepped = [x for x in records if isinstance(x.get("step"), int)]
+        last = max(stepped, key=lambda x: x["step"], default=None)
+        if last is not None and (not kept or last["step"] > kept[-1]["step"]):
+            kept.append(last)  # the run's last update
+        (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in kept))
+        for name in ("config.toml", reeval_name):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out / name)
+    (tmp / "sweep.json").write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.rename(dest)
 
 
 def window(run: Run, first: int, last: int | None) -> list[Eval]:
@@ -223,14 +253,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reeval", default="reeval.json", help="the re-evaluation's file in each run")
     p.add_argument("--title", help="a heading for the markdown")
     p.add_argument("--out", help="also write the markdown here")
+    p.add_argument("--save", metavar="DIR", help="keep the table's inputs (one SWEEP) in DIR")
     args = p.parse_args(argv)
     try:
         if args.last is not None and args.last < args.first:
             raise TableError(f"--to {args.last} is before --from {args.first}")
+        if args.save and len(args.sweeps) != 1:
+            raise TableError(f"--save takes one SWEEP, got {len(args.sweeps)}")
         runs = [run for s in args.sweeps for run in load(Path(s), args.reeval)]
         text = build(runs, args.first, args.last, args.reference, args.title)
+        if args.save:
+            save(Path(args.sweeps[0]), Path(args.save), args.reeval)
     except TableError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     print(text)
     if args.out:

@@ -108,6 +108,25 @@ def test_window_end_and_single_eval(two_seeds):
     assert one[0][5:7] == ["80.0", "-120.0"] and one[1][5:7] == ["200.0", "-"]
 
 
+def test_saved_inputs_give_the_same_table(two_seeds, tmp_path):
+    saved = tmp_path / "kept" / "s0"
+    with open(two_seeds / "s0" / "arm=real,seed=0" / "metrics.jsonl", "a") as f:
+        f.write("\n" + json.dumps(dict(type="train", step=3500, wm_loss=1.0)) + "\n")
+    main([str(two_seeds / "s0"), "--from", "2000", "--save", str(saved)])
+    before = build(load(two_seeds / "s0", "reeval.json"), 2000, None, "base")
+    assert build(load(saved, "reeval.json"), 2000, None, "base") == before
+    kept = (saved / "arm=base,seed=0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["type"] for x in kept] == ["eval"] * 3  # the last update is an eval's
+    kept = (saved / "arm=real,seed=0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in kept] == [2000, 3000, 3500]
+    assert "| real | 0 | done | 3500 | 2 |" in before
+    assert (saved / "arm=real,seed=0" / "reeval.json").is_file()
+    with pytest.raises(SystemExit):
+        main([str(two_seeds / "s0"), "--save", str(saved)])  # exists
+    with pytest.raises(SystemExit):
+        main([str(two_seeds / "s0"), str(two_seeds / "s1"), "--save", str(tmp_path / "x")])
+
+
 def test_command_line_and_errors(two_seeds, tmp_path, capsys):
     out = tmp_path / "table.md"
     main([str(two_seeds / "s0"), str(two_seeds / "s1"), "--from", "2000", "--out", str(out)])
