@@ -151,11 +151,13 @@ def _ends(counts: dict[str, int]) -> str:
 
 
 def _end_kinds(runs: list[Run]) -> list[str]:
-    kinds: list[str] = []
-    for run in runs:
-        for e in run.evals:
-            kinds += [k for k in e.ends if k not in kinds]
-    return kinds
+    """The end kinds of the evals, in END_TEXT's order. An eval record also counts every
+    termination as `eval_terminated`; where terminations are split (LunarLander: rest and
+    crash) that count is their sum, and left out."""
+    seen = {k for run in runs for e in run.evals for k in e.ends}
+    if seen & {"rest", "crash"}:
+        seen.discard("terminated")
+    return [k for k in END_TEXT if k in seen]
 
 
 def build(
@@ -185,7 +187,7 @@ def build(
         f"same seed; ends ({ends_head}): how the window's eval episodes ended. Re-eval: "
         "`engine.evaluate --json` of the final agent (mean ± std over its episodes).\n"
     )
-    header = ["arm", "seed", "status", "updates", "evals", "mean", f"vs {reference}"]
+    header = ["arm", "seed", "status", "last step", "evals", "mean", f"vs {reference}"]
     header += [f"ends ({ends_head})", "final eval", "re-eval", "re-eval >= target", "re-eval ends"]
     rows = []
     for run in sorted(runs, key=lambda r: (arms.index(r.arm), r.seed)):

@@ -27,6 +27,7 @@ def _sweep(out: Path, seed: int, evals: dict[str, list[tuple[int, list[float], l
             rec = dict(type="eval", step=step, eval_return=sum(returns) / len(returns))
             rec.update(eval_returns=returns)
             rec.update({f"eval_{k}": ends.count(k) for k in ("rest", "crash", "time_limit")})
+            rec.update(eval_terminated=ends.count("rest") + ends.count("crash"))  # as trainers do
             lines.append(rec)
         lines.sort(key=lambda r: r["step"])
         text = "\n".join(json.dumps(r) for r in lines) + "\n" + '{"type": "eval", "st'  # cut
