@@ -117,8 +117,13 @@ def test_each_member_updates_as_a_single_agent_with_its_settings():
             mine, (d, s) = agent.learn({n: v[rows] for n, v in batch.items()}, behavior)
             assert set(metrics) == set(mine)
             for name, value in mine.items():
+                # A gradient norm sums ~1e5 squares of gradients that vmap's batched matmuls
+                # sum in another order: on an AMX / AVX-512 CPU the third update's world-model
+                # norm was 1116.525 against 1116.682 (1.4e-4 relative); the weights and moments
+                # after it still agree to assert_member_equals' tolerances.
+                rtol = 1e-3 if name.endswith("grad_norm") else 1e-4
                 torch.testing.assert_close(
-                    metrics[name][k], value, atol=1e-4, rtol=1e-4, msg=f"update {update} {name}"
+                    metrics[name][k], value, atol=1e-4, rtol=rtol, msg=f"update {update} {name}"
                 )
             torch.testing.assert_close(deter[rows], d, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(stoch[rows], s)
