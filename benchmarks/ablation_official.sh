@@ -10,11 +10,11 @@
 # Every switched key is a member setting (config.GRID_KEYS), so `--population 9` after the five
 # positional arguments trains all arms of a seed as one population process (extra sweep args
 # such as `--set general.compile=true` follow it; a later --set wins over the threads=1 below):
-#   bash benchmarks/ablation_official.sh configs/lunarlander_d64.toml sweeps/ll_ablation 1 5000 1 \
+#   bash benchmarks/ablation_official.sh configs/lunarlander_d64.toml sweeps/ll_ablation 1 4000 1 \
 #       --population 9 --set general.threads=2 --set train.replay_buffer_size=100000
 # and each further seed in another OUT: SEEDS 1 and `--first-seed N` after `--population 9`.
-# The table: python -m benchmarks.ablation_table OUT [OUT ...] --from 2500 (its docstring says
-# how to re-evaluate the final agents first, and --save keeps its inputs to commit).
+# The table: python -m benchmarks.ablation_table OUT [OUT ...] --from 2000 --to 4000 (its
+# docstring says how to re-evaluate the final agents first; --save keeps its inputs to commit).
 #
 # The base arm's loss scale is beta_dyn 0.5 (the d64 configs before the ablation); the "scales"
 # arm is the official 1.0. Runs use one thread each (--parallel of them share the CPU).

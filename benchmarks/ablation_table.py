@@ -22,13 +22,13 @@ import argparse
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.episodes import END_TEXT
 from engine.logger import fmt_value, md_table, read_metrics
+from engine.rundir import fail
 
 
 class TableError(Exception):
@@ -267,11 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.save:
             save(Path(args.sweeps[0]), Path(args.save), args.reeval)
     except TableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     except OSError as e:
-        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{e.filename}: {e.strerror or e}")
     print(text)
     if args.out:
         from engine.checkpoint import atomic_write
@@ -279,8 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             atomic_write(Path(args.out), lambda tmp: tmp.write_text(text))
         except OSError as e:
-            print(f"error: {args.out}: {e.strerror or e}", file=sys.stderr)
-            sys.exit(2)
+            fail(f"{args.out}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

@@ -116,11 +116,11 @@ class Plan:
     runs: list[RunSpec]
     arms: dict[str, list[str]] = field(default_factory=dict)
     population: int = 1
-    first_seed: int = 0
-    """--first-seed: the seeds are first_seed .. first_seed + seeds - 1."""
     """--population: at most this many runs packed into one population process."""
     packs: dict[str, Config] = field(default_factory=dict)
     """Population process name -> its config (population.size and a member grid)."""
+    first_seed: int = 0
+    """--first-seed: the seeds are first_seed .. first_seed + seeds - 1."""
 
     def identity(self) -> dict[str, Any]:
         """What must match for a sweep directory to be continued by this command."""
