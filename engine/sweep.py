@@ -79,7 +79,7 @@ STEPS_KEY = "train.max_train_steps"
 # except for these, where more is better.
 METRIC_KEYS = (*SUMMARY_LOSSES, "dream_value", "dream_return")
 STATUSES = ("pending", "running", "done", "failed", "interrupted")
-STOP_GRACE_S = 120.0  # how long stopped children get to write their checkpoint before SIGKILL
+STOP_GRACE_S = 120.0  # default --stop-grace: how long stopped children get to checkpoint
 MAX_NAME = 180  # run-directory names stay well under the 255-byte file-name limit
 
 
@@ -573,8 +573,16 @@ class Sweeper:
     """Runs the sweep's processes: one per run, or with --population one per population of
     packed runs (`RunRecord.job`), whose members' directories the runs' names link to."""
 
-    def __init__(self, out: Path, plan: Plan, state: SweepState, parallel: int):
+    def __init__(
+        self,
+        out: Path,
+        plan: Plan,
+        state: SweepState,
+        parallel: int,
+        stop_grace: float = STOP_GRACE_S,
+    ):
         self.out, self.plan, self.state, self.parallel = out, plan, state, parallel
+        self.stop_grace = stop_grace
         self.running: dict[str, Child] = {}
         self.stop_signal: int | None = None
         self.force = False
@@ -766,11 +774,14 @@ class Sweeper:
         or on a second Ctrl-C."""
         children = list(self.running.values())
         if children:
-            _say(f"stopping {len(children)} runs (they write their checkpoints)")
+            _say(
+                f"stopping {len(children)} runs (they write their checkpoints; SIGKILL after "
+                f"{self.stop_grace:g} s or a second Ctrl-C)"
+            )
         for child in children:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + self.stop_grace
         killed = False
         while any(c.proc.poll() is None for c in children):
             if not killed and (self.force or time.monotonic() > deadline):
@@ -1005,6 +1016,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "loss scales, gamma, ...) as one population process (default 1: a process per run)",
     )
     p.add_argument("--max-steps", type=int, help="train.max_train_steps of every run")
+    p.add_argument(
+        "--stop-grace",
+        type=float,
+        default=STOP_GRACE_S,
+        metavar="SECONDS",
+        help="on Ctrl-C/SIGTERM, how long the runs get to write their checkpoints before "
+        f"SIGKILL (default {STOP_GRACE_S:g}; raise it for log.checkpoint_replay with a big "
+        "replay)",
+    )
     p.add_argument("--out", help="sweep directory (default sweeps/<config stem>_<date-time>)")
     add_set_option(p, "a fixed override for every run (repeatable)")
     p.add_argument(
@@ -1054,6 +1074,8 @@ def sweep(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parallel < 1:
         raise SweepError(f"--parallel {args.parallel}: must be >= 1")
+    if not args.stop_grace >= 0:  # also refuses nan
+        raise SweepError(f"--stop-grace {args.stop_grace}: must be a number of seconds >= 0")
     optuna_only = dict(search=args.search, trials=args.trials, storage=args.storage)
     if args.backend != "optuna" and (given := [k for k, v in optuna_only.items() if v]):
         raise SweepError(f"--{given[0]} belongs to --backend optuna")
@@ -1091,7 +1113,7 @@ def sweep(argv: list[str] | None = None) -> int:
 
             code = search.submitit_sweep(args, plan, out, state, save_state)
         else:
-            code = Sweeper(out, plan, state, args.parallel).run()
+            code = Sweeper(out, plan, state, args.parallel, args.stop_grace).run()
         print(write_summary(out, state), end="")
     finally:
         lock.close()

@@ -334,6 +334,8 @@ def test_summary_takes_final_best_and_mean_std_over_seeds(tmp_path, monkeypatch)
         (["--seeds", "0"], ["--seeds"]),
         (["--parallel", "0"], ["--parallel"]),
         (["--parallel", "two"], ["--parallel"]),
+        (["--stop-grace", "-1"], ["--stop-grace -1.0", ">= 0"]),
+        (["--stop-grace", "nan"], ["--stop-grace nan"]),
     ],
 )
 def test_bad_input_exits_2_with_one_line_before_any_run(tmp_path, args, words):
@@ -495,6 +497,35 @@ def test_population_sweep_trains_packed_runs_in_one_process_and_resumes(tmp_path
 def _train_logged(run_dir):
     path = run_dir / "metrics.jsonl"
     return path.exists() and '"type": "train"' in path.read_text()
+
+
+@pytest.mark.parametrize("grace", [0.5, 30.0])
+def test_stop_grace_bounds_the_wait_for_a_child_that_ignores_sigterm(tmp_path, grace):
+    """A child that does not exit on SIGTERM is killed once --stop-grace has passed, not
+    before; one that exits on SIGTERM is never waited on for the whole grace."""
+    ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    ignore += "print('ready', flush=True); time.sleep(120)"
+    code = ignore if grace < 1 else "import time; print('ready', flush=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"  # its handler is installed
+    child = sweep_module.Child("run", [], proc, None, [""], time.monotonic())
+    sweeper = sweep_module.Sweeper(tmp_path, None, None, 1, stop_grace=grace)
+    sweeper.running = {"run": child}
+    finished = []
+    sweeper.finish = lambda c, stopping: finished.append((c.name, stopping))
+    t0 = time.monotonic()
+    try:
+        sweeper.stop_all()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    waited = time.monotonic() - t0
+    if grace < 1:  # ignored SIGTERM: killed after the grace
+        assert proc.returncode == -signal.SIGKILL and grace <= waited < grace + 10, waited
+    else:  # exited on SIGTERM at once, long before the grace
+        assert proc.returncode == -signal.SIGTERM and waited < grace / 2, waited
+    assert finished == [("run", True)]
 
 
 def test_sigterm_stops_the_runs_with_checkpoints_and_exits_130(tmp_path):
