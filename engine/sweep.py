@@ -1019,11 +1019,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--stop-grace",
         type=float,
-        default=STOP_GRACE_S,
         metavar="SECONDS",
-        help="on Ctrl-C/SIGTERM, how long the runs get to write their checkpoints before "
-        f"SIGKILL (default {STOP_GRACE_S:g}; raise it for log.checkpoint_replay with a big "
-        "replay)",
+        help="local backend: on Ctrl-C/SIGTERM, how long the runs get to write their checkpoints "
+        f"before SIGKILL (default {STOP_GRACE_S:g}; raise it for log.checkpoint_replay with a "
+        "big replay)",
     )
     p.add_argument("--out", help="sweep directory (default sweeps/<config stem>_<date-time>)")
     add_set_option(p, "a fixed override for every run (repeatable)")
@@ -1074,15 +1073,17 @@ def sweep(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parallel < 1:
         raise SweepError(f"--parallel {args.parallel}: must be >= 1")
-    if not args.stop_grace >= 0:  # also refuses nan
+    if args.stop_grace is not None and not args.stop_grace >= 0:  # also refuses nan
         raise SweepError(f"--stop-grace {args.stop_grace}: must be a number of seconds >= 0")
     optuna_only = dict(search=args.search, trials=args.trials, storage=args.storage)
     if args.backend != "optuna" and (given := [k for k, v in optuna_only.items() if v]):
         raise SweepError(f"--{given[0]} belongs to --backend optuna")
     if args.backend != "submitit" and (args.cluster or args.slurm):
         raise SweepError("--cluster and --slurm belong to --backend submitit")
-    if args.backend != "local" and (args.population > 1 or args.arm):
-        raise SweepError(f"--backend {args.backend}: --population and --arm are local-only")
+    if args.backend != "local" and (args.population > 1 or args.arm or args.stop_grace is not None):
+        raise SweepError(
+            f"--backend {args.backend}: --population, --arm and --stop-grace are local-only"
+        )
     if args.backend == "optuna" and args.first_seed:
         raise SweepError("--first-seed: not for --backend optuna (its seeds are a grid dimension)")
     plan = build_plan(
@@ -1113,7 +1114,8 @@ def sweep(argv: list[str] | None = None) -> int:
 
             code = search.submitit_sweep(args, plan, out, state, save_state)
         else:
-            code = Sweeper(out, plan, state, args.parallel, args.stop_grace).run()
+            grace = STOP_GRACE_S if args.stop_grace is None else args.stop_grace
+            code = Sweeper(out, plan, state, args.parallel, grace).run()
         print(write_summary(out, state), end="")
     finally:
         lock.close()

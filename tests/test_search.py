@@ -119,6 +119,7 @@ def test_a_requeued_job_resumes_its_run(tmp_path):
         (["--trials", "3"], "--trials belongs to --backend optuna"),
         (["--backend", "optuna", "--search", "nope.toml"], "nope.toml: no such file"),
         (["--backend", "submitit", "--population", "2", "--seeds", "2"], "local-only"),
+        (["--backend", "optuna", "--stop-grace", "600"], "local-only"),
         (["--cluster", "local"], "belong to --backend submitit"),
         (["--backend", "optuna", "--first-seed", "2"], "--first-seed: not for --backend optuna"),
     ],

@@ -499,13 +499,15 @@ def _train_logged(run_dir):
     return path.exists() and '"type": "train"' in path.read_text()
 
 
-@pytest.mark.parametrize("grace", [0.5, 30.0])
-def test_stop_grace_bounds_the_wait_for_a_child_that_ignores_sigterm(tmp_path, grace):
+@pytest.mark.parametrize("ignores_sigterm, grace", [(True, 0.5), (False, 30.0)])
+def test_stop_grace_bounds_the_wait_for_a_child_that_ignores_sigterm(
+    tmp_path, ignores_sigterm, grace
+):
     """A child that does not exit on SIGTERM is killed once --stop-grace has passed, not
     before; one that exits on SIGTERM is never waited on for the whole grace."""
-    ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-    ignore += "print('ready', flush=True); time.sleep(120)"
-    code = ignore if grace < 1 else "import time; print('ready', flush=True); time.sleep(120)"
+    ignore = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    code = (ignore if ignores_sigterm else "") + "import time; print('ready', flush=True); "
+    code += "time.sleep(120)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"  # its handler is installed
     child = sweep_module.Child("run", [], proc, None, [""], time.monotonic())
@@ -521,7 +523,7 @@ def test_stop_grace_bounds_the_wait_for_a_child_that_ignores_sigterm(tmp_path, g
             proc.kill()
         proc.stdout.close()
     waited = time.monotonic() - t0
-    if grace < 1:  # ignored SIGTERM: killed after the grace
+    if ignores_sigterm:  # killed after the grace
         assert proc.returncode == -signal.SIGKILL and grace <= waited < grace + 10, waited
     else:  # exited on SIGTERM at once, long before the grace
         assert proc.returncode == -signal.SIGTERM and waited < grace / 2, waited
