@@ -13,8 +13,9 @@ and the eval records of its metrics.jsonl, a few KB) as a sweep directory the ta
 commit beside the results: a table over seeds trained in different sessions is then
 `python -m benchmarks.ablation_table SAVED_SEED0 SAVED_SEED1 ...`.
 Several sweep directories (seeds run as separate sweeps, `--first-seed`) make one table; with
-more than one seed per arm it adds the mean +- std over seeds. The arms of one seed in one
-population see the same environment seeds, so the difference to the reference arm is paired."""
+more than one seed per arm it adds the mean +- std over seeds, the paired difference of the
+re-evaluations, and in how many seeds each arm is ahead of the reference. The arms of one seed in
+one population see the same environment seeds, so the difference to the reference arm is paired."""
 
 from __future__ import annotations
 
@@ -176,8 +177,11 @@ def build(
         if evals:
             scores[run.arm, run.seed] = statistics.fmean(e.mean for e in evals)
 
-    def vs_ref(run: Run) -> float | None:
-        own, ref = scores.get((run.arm, run.seed)), scores.get((reference, run.seed))
+    reevals = {(r.arm, r.seed): float(r.reeval["mean"]) for r in runs if r.reeval}
+
+    def vs_ref(run: Run, of: dict[tuple[str, int], float] | None = None) -> float | None:
+        of = scores if of is None else of
+        own, ref = of.get((run.arm, run.seed)), of.get((reference, run.seed))
         return None if own is None or ref is None or run.arm == reference else own - ref
 
     md = [f"# {title}\n"] if title else []
@@ -217,24 +221,36 @@ def build(
     seeds_of = {a: sorted({r.seed for r in runs if r.arm == a}) for a in arms}
     if any(len(s) > 1 for s in seeds_of.values()):
         md.append(
-            "## Over seeds\n\nMean ± std over the seeds of each arm of the per-run figures above.\n"
+            "## Over seeds\n\nMean ± std over the seeds of each arm of the per-run figures above; "
+            f"`re-eval vs {reference}`: the paired difference of the re-evaluations; "
+            f"`seeds ahead`: in how many seeds the arm is above `{reference}` of the same seed, "
+            "in the window's mean and in the re-evaluation.\n"
         )
         rows = []
         for arm in arms:
             mine = [r for r in runs if r.arm == arm]
             cells = [arm, ", ".join(map(str, seeds_of[arm]))]
+            diffs = [d for d in map(vs_ref, mine) if d is not None]
+            re_diffs = [d for d in (vs_ref(r, reevals) for r in mine) if d is not None]
             for values in (
                 [scores[arm, r.seed] for r in mine if (arm, r.seed) in scores],
-                [d for d in map(vs_ref, mine) if d is not None],
-                [float(r.reeval["mean"]) for r in mine if r.reeval],
+                diffs,
+                [reevals[arm, r.seed] for r in mine if (arm, r.seed) in reevals],
+                re_diffs,
             ):
                 sd = statistics.stdev(values) if len(values) > 1 else None
                 cells.append(_pm(statistics.fmean(values), sd) if values else "-")
             hits = [(r.reeval.get("at_target", 0), r.reeval["episodes"]) for r in mine if r.reeval]
             cells.append(f"{sum(h for h, _ in hits)}/{sum(n for _, n in hits)}" if hits else "-")
+            ahead = [
+                f"{sum(d > 0 for d in values)}/{len(values)}" if values else "-"
+                for values in (diffs, re_diffs)
+            ]
+            cells.append("-" if arm == reference else " and ".join(ahead))
             rows.append(cells)
         head = ["arm", "seeds", f"mean from {first:,}", f"vs {reference}", "re-eval"]
-        md.append(md_table(head + ["re-eval >= target"], rows))
+        head += [f"re-eval vs {reference}", "re-eval >= target", "seeds ahead (window and re-eval)"]
+        md.append(md_table(head, rows))
 
     steps = sorted({e.step for r in runs for e in r.evals})
     md.append("## Every eval\n\nThe mean return of each greedy eval, by update.\n")

@@ -94,7 +94,8 @@ def test_window_mean_standard_error_and_paired_difference(two_seeds):
     over = {r[0]: r for r in _rows(text, "## Over seeds")[:2]}
     # base over seeds: 45 and -30 -> 7.5 +- stdev 53.03; real: 130, 60 -> 95 +- 49.5; vs +87.5
     assert over["base"][1:4] == ["0, 1", "7.5 ± 53.0", "-"]
-    assert over["real"][2:6] == ["95.0 ± 49.5", "87.5 ± 3.5", "210.0", "40/50"]
+    assert over["real"][2:] == ["95.0 ± 49.5", "87.5 ± 3.5", "210.0", "-", "40/50", "2/2 and -"]
+    assert over["base"][4:] == ["-", "-", "-", "-"]
     every = {(r[0], r[1]): r[2:] for r in _rows(text, "## Every eval")}
     assert every["base", "0"] == ["-400", "10", "80"] and every["real", "1"] == ["", "20", "100"]
 
@@ -152,3 +153,22 @@ def test_command_line_and_errors(two_seeds, tmp_path, capsys):
     )
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "unreadable sweep state" in done.stderr
+
+
+def test_over_seeds_paired_reevaluation_and_seeds_ahead(two_seeds):
+    """The re-evaluations are compared per seed, like the window means; `seeds ahead` counts the
+    seeds where the arm beats the reference in each measure, only over seeds that have both."""
+    base0, base1 = two_seeds / "s0" / "arm=base,seed=0", two_seeds / "s1" / "arm=base,seed=1"
+    _reeval(base0, 150.0, 10, dict(rest=20, crash=30))
+    _reeval(base1, 100.0, 0, dict(crash=50))
+    _reeval(two_seeds / "s1" / "arm=real,seed=1", 40.0, 5, dict(rest=10, crash=40))
+    runs = load(two_seeds / "s0", "reeval.json") + load(two_seeds / "s1", "reeval.json")
+    over = {r[0]: r for r in _rows(build(runs, 2000, None, "base"), "## Over seeds")[:2]}
+    # real's re-evals 210 and 40 against base's 150 and 100: +60 and -60 -> 0 +- 84.9, 1 of 2
+    assert over["real"][4:] == ["125.0 ± 120.2", "0.0 ± 84.9", "45/100", "2/2 and 1/2"]
+    assert over["base"][4:] == ["125.0 ± 35.4", "-", "10/100", "-"]
+    # a seed whose reference has no re-evaluation is left out of the paired figures
+    (base1 / "reeval.json").unlink()
+    runs = load(two_seeds / "s0", "reeval.json") + load(two_seeds / "s1", "reeval.json")
+    over = {r[0]: r for r in _rows(build(runs, 2000, None, "base"), "## Over seeds")[:2]}
+    assert over["real"][5:] == ["60.0", "45/100", "2/2 and 1/1"]
