@@ -179,8 +179,8 @@ def build(
 
     reevals = {(r.arm, r.seed): float(r.reeval["mean"]) for r in runs if r.reeval}
 
-    def vs_ref(run: Run, of: dict[tuple[str, int], float] | None = None) -> float | None:
-        of = scores if of is None else of
+    def vs_ref(run: Run, of: dict[tuple[str, int], float]) -> float | None:
+        """The run's figure in `of` minus the reference arm's of the same seed."""
         own, ref = of.get((run.arm, run.seed)), of.get((reference, run.seed))
         return None if own is None or ref is None or run.arm == reference else own - ref
 
@@ -198,7 +198,7 @@ def build(
         evals = window(run, first, last)
         counts = {k: sum(e.ends.get(k, 0) for e in evals) for k in kinds}
         m, se = mean_se([e.mean for e in evals]) if evals else (None, None)
-        diff = vs_ref(run)
+        diff = vs_ref(run, scores)
         re = run.reeval
         rows.append(
             [run.arm, str(run.seed), run.status, fmt_value(run.steps), str(len(evals))]
@@ -230,7 +230,7 @@ def build(
         for arm in arms:
             mine = [r for r in runs if r.arm == arm]
             cells = [arm, ", ".join(map(str, seeds_of[arm]))]
-            diffs = [d for d in map(vs_ref, mine) if d is not None]
+            diffs = [d for d in (vs_ref(r, scores) for r in mine) if d is not None]
             re_diffs = [d for d in (vs_ref(r, reevals) for r in mine) if d is not None]
             for values in (
                 [scores[arm, r.seed] for r in mine if (arm, r.seed) in scores],
