@@ -115,20 +115,18 @@ def tapped_linear(layer: nn.Linear, x: Tensor, tap: Tensor | None) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Normalises the last dim (or dim 1 for NCHW feature maps with channel_dim=1)."""
+    """Normalises the last dim (the feature maps are channels-last)."""
 
-    def __init__(self, dim: int, eps: float = 1e-4, channel_dim: int = -1):
+    def __init__(self, dim: int, eps: float = 1e-4):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.channel_dim = channel_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        ms = x.float().square().mean(self.channel_dim, keepdim=True)
-        w = self.weight if self.channel_dim == -1 else self.weight[:, None, None]
+        ms = x.float().square().mean(-1, keepdim=True)
         # The weight in the activation's dtype: an fp32 weight would promote a bf16 activation
         # (under autocast) to fp32 and every layer after the norm would run in fp32.
-        return (x * torch.rsqrt(ms + self.eps)).to(x.dtype) * w.to(x.dtype)
+        return (x * torch.rsqrt(ms + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
 
 
 class DenseAct(nn.Sequential):
@@ -268,24 +266,72 @@ def _conv_padding(kernel: int) -> int:
     return (kernel - 1) // 2
 
 
+class StridedConv(nn.Conv2d):
+    """A stride-2 convolution on channels-last maps, (N, H, W, C) -> (N, H/2, W/2, C').
+
+    With kernel 2 (every config here: padding 0, the patches do not overlap) it is a matmul of
+    each 2 x 2 patch: the map is cut into (N, H/2, W/2, 2*2*C) patches, a view and one copy, and
+    one linear layer maps them. Same weights and result as the convolution (tests/test_nets.py),
+    but a population's members then run a batched matmul: under vmap a convolution with
+    per-member weights becomes a grouped one, and an eager cartpole_d256 8 x 25 update of 4
+    members took 7.1x one agent's on this CPU, much of the excess in the decoder's grouped
+    transposed convolutions (benchmarks/results/population_patch_conv_2026-12-05/). Other
+    kernels run the convolution itself."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int):
+        super().__init__(c_in, c_out, kernel, 2, _conv_padding(kernel))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernel_size != (2, 2):
+            return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        n, h, w, c = x.shape
+        patches = (
+            x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(2, 3).reshape(n, h // 2, w // 2, 4 * c)
+        )
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, 4 * c)  # (a, b, c)
+        return F.linear(patches, weight, self.bias)
+
+
+class StridedConvTranspose(nn.ConvTranspose2d):
+    """A stride-2 transposed convolution on channels-last maps, (N, H, W, C) -> (N, 2H, 2W, C').
+
+    With kernel 2 each input pixel writes its own 2 x 2 output patch: one linear layer to
+    2*2*C' values per pixel and a pixel shuffle (one copy), the same weights and result as the
+    transposed convolution (see StridedConv for why). Other kernels run the convolution."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int):
+        pad = _conv_padding(kernel)
+        super().__init__(c_in, c_out, kernel, 2, pad, output_padding=2 - kernel + 2 * pad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernel_size != (2, 2):
+            return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        n, h, w, _ = x.shape
+        c = self.out_channels
+        weight = self.weight.permute(2, 3, 1, 0).reshape(4 * c, self.in_channels)  # (a, b, c')
+        y = F.linear(x, weight, self.bias.repeat(4))
+        return y.reshape(n, h, w, 2, 2, c).transpose(2, 3).reshape(n, 2 * h, 2 * w, c)
+
+
 class ImageEncoder(nn.Module):
-    """Strided convs, each halving the resolution, RMSNorm over channels + SiLU. Flattened out."""
+    """Strided convs, each halving the resolution, RMSNorm over channels + SiLU. Flattened out in
+    (C, H, W) order. The maps stay channels-last, as the frames come."""
 
     def __init__(self, channels: list[int], kernel: int, size: int):
         super().__init__()
         layers, c_in = [], 3
         for c in channels:
-            conv = nn.Conv2d(c_in, c, kernel, 2, _conv_padding(kernel))
+            conv = StridedConv(c_in, c, kernel)
             trunc_normal_in_(conv.weight, c_in * kernel * kernel)
             nn.init.zeros_(conv.bias)
-            layers += [conv, RMSNorm(c, channel_dim=1), nn.SiLU()]
+            layers += [conv, RMSNorm(c), nn.SiLU()]
             c_in = c
         self.net = nn.Sequential(*layers)
         self.out_dim = channels[-1] * (size // 2 ** len(channels)) ** 2
 
     def forward(self, image: Tensor) -> Tensor:
-        x = image.permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (N, 3, H, W) centred
-        return self.net(x).flatten(1)
+        x = image.float() / 255.0 - 0.5  # (N, H, W, 3) centred
+        return self.net(x).permute(0, 3, 1, 2).flatten(1)
 
 
 class ImageDecoder(nn.Module):
@@ -293,7 +339,7 @@ class ImageDecoder(nn.Module):
 
     The first spatial map comes from a block-linear map of deter plus a small MLP of stoch
     (official `bspace`): a dense (deter + stoch) -> 4x4xC layer would be 10.5M parameters at d256,
-    as many as the rest of the model.
+    as many as the rest of the model. The maps are channels-last inside.
     """
 
     def __init__(
@@ -317,29 +363,30 @@ class ImageDecoder(nn.Module):
         self.from_stoch = nn.Sequential(
             DenseAct(stoch, units, init), Linear(units, space, init=init)
         )
-        self.space_norm = RMSNorm(self.c_last, channel_dim=1)
+        self.space_norm = RMSNorm(self.c_last)
         layers = []
         outs = list(reversed(channels[:-1])) + [3]
-        c_in, pad = self.c_last, _conv_padding(kernel)
+        c_in = self.c_last
         for i, c in enumerate(outs):
-            conv = nn.ConvTranspose2d(c_in, c, kernel, 2, pad, output_padding=2 - kernel + 2 * pad)
+            conv = StridedConvTranspose(c_in, c, kernel)
             trunc_normal_in_(conv.weight, c_in * kernel * kernel // 4)
             nn.init.zeros_(conv.bias)
             layers.append(conv)
             if i < len(outs) - 1:
-                layers += [RMSNorm(c, channel_dim=1), nn.SiLU()]
+                layers += [RMSNorm(c), nn.SiLU()]
             c_in = c
         self.net = nn.Sequential(*layers)
         self.sigmoid = sigmoid
 
     def forward(self, deter: Tensor, stoch: Tensor) -> Tensor:
-        """(N, deter), (N, stoch) -> (N, 3, H, W)."""
+        """(N, deter), (N, stoch) -> (N, 3, H, W), a channels-last view."""
         n, r, g = deter.shape[0], self.min_res, self.blocks
         x0 = self.from_deter(deter).reshape(n, g, r, r, self.c_last // g)
-        x0 = x0.permute(0, 1, 4, 2, 3).reshape(n, self.c_last, r, r)  # blocks own channel groups
-        x1 = self.from_stoch(stoch).reshape(n, self.c_last, r, r)
+        x0 = x0.permute(0, 2, 3, 1, 4).reshape(n, r, r, self.c_last)  # blocks own channel groups
+        x1 = self.from_stoch(stoch).reshape(n, self.c_last, r, r).permute(0, 2, 3, 1)
         x = self.net(F.silu(self.space_norm(x0 + x1)))
-        return torch.sigmoid(x) if self.sigmoid else x
+        x = torch.sigmoid(x) if self.sigmoid else x
+        return x.permute(0, 3, 1, 2)
 
 
 def cnn_channels(d_hidden: int, num_layers: int) -> list[int]:

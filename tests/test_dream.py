@@ -99,7 +99,12 @@ def test_context_edge_cases(agent):
     obs, actions = episode()
     whole = dream.open_loop(agent, obs, actions, context=T + 10)  # all posterior
     assert whole.shape == (T, 64, 64, 3)
-    assert torch.equal(whole[:CONTEXT], dream.open_loop(agent, obs, actions, CONTEXT)[:CONTEXT])
+    # The context frames are the same posterior in both; only float rounding differs (the frames
+    # are encoded in one batch of T or of CONTEXT rows, 1e-7 apart in the tokens), which can tip
+    # a pixel's rounding to uint8 by one level.
+    part = dream.open_loop(agent, obs, actions, CONTEXT)[:CONTEXT]
+    assert (whole[:CONTEXT].int() - part.int()).abs().max() <= 1
+    assert (whole[:CONTEXT] != part).float().mean() < 1e-3
     one = {k: v[:1] for k, v in obs.items()}
     assert dream.open_loop(agent, one, actions[:1], 1).shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="context >= 1"):
