@@ -50,6 +50,21 @@ def replay_bytes(spec: dict, capacity: int) -> int:
     return per_step * capacity
 
 
+def _leading_rows(buf: Tensor, rows: int) -> Tensor:
+    """buf[:rows] on the CPU for torch.save. A CUDA buffer is copied to the host. A CPU one is
+    not copied at all: the rows become a tensor over a slice of the buffer's storage, so that
+    torch.save writes those rows and not the whole preallocated buffer (which it would for the
+    view buf[:rows]). A copy of a nearly full 12 GB replay beside the replay itself is what got a
+    3-member LunarLander population killed for memory on a 24 GB machine."""
+    if buf.device.type != "cpu":
+        return buf[:rows].to("cpu")
+    assert buf.is_contiguous()
+    size = buf.element_size()
+    start, nbytes = buf.storage_offset() * size, rows * buf[0].numel() * size
+    storage = buf.untyped_storage()[start : start + nbytes]
+    return torch.empty(0, dtype=buf.dtype).set_(storage, 0, (rows, *buf.shape[1:]))
+
+
 class Replay:
     """`members` > 1: a population's replay, one ring over all members' envs (member k owns envs
     k*n .. k*n + n - 1, n = num_envs / members; the (C, K*n) storage is the (C, K, n) ring) and
@@ -85,9 +100,7 @@ class Replay:
     def state_dict(self) -> dict:
         """The rows written so far, in place (the ring order is kept), and the write count."""
         held = min(self.count, self.slots)
-        # A partly filled buffer's rows are copied (one copy on any device): saving a view would
-        # write the whole preallocated storage. A full one on the CPU is saved as it is.
-        data = {k: v[:held].to("cpu", copy=held < self.slots) for k, v in self.data.items()}
+        data = {k: _leading_rows(v, held) for k, v in self.data.items()}
         return dict(count=self.count, slots=self.slots, num_envs=self.num_envs, data=data)
 
     def load_state_dict(self, state: dict) -> None:

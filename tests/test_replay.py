@@ -109,6 +109,11 @@ def test_a_partly_filled_replay_saves_only_its_rows(tmp_path):
     torch.save(big.state_dict(), tmp_path / "r.pt")
     # 10 rows of 64 bytes, not the 4000 preallocated rows (~260 kB).
     assert (tmp_path / "r.pt").stat().st_size < 20_000
+    # ... and without copying them: a copy of a nearly full replay beside the replay itself
+    # does not fit in memory (a 12 GB LunarLander population on 24 GB was killed for it).
+    for k, v in big.state_dict()["data"].items():
+        assert v.shape[0] == 10 and v.data_ptr() == big.data[k].data_ptr(), k
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size(), k
 
 
 def test_a_replay_of_another_size_or_layout_is_refused():
