@@ -34,21 +34,13 @@ def _decoder_nchw(dec: ImageDecoder, deter, stoch):
     x1 = dec.from_stoch(stoch).reshape(n, c, r, r)
     norm = dec.space_norm
     x = F.silu(_rms_nchw(x0.reshape(n, c, r, r) + x1, norm.weight, norm.eps))
-    mods = list(dec.net)
-    i = 0
-    while i < len(mods):
-        conv = mods[i]
-        x = F.conv_transpose2d(
-            x,
-            conv.weight,
-            conv.bias,
-            stride=2,
-            padding=conv.padding,
-            output_padding=conv.output_padding,
-        )
-        if i + 1 < len(mods):
-            x = F.silu(_rms_nchw(x, mods[i + 1].weight, mods[i + 1].eps))
-        i += 3
+    mods = list(dec.net)  # conv, norm, SiLU, ..., conv
+    norms = mods[1::3]
+    for i, conv in enumerate(mods[0::3]):
+        pad, out_pad = conv.padding, conv.output_padding
+        x = F.conv_transpose2d(x, conv.weight, conv.bias, 2, pad, out_pad)
+        if i < len(norms):
+            x = F.silu(_rms_nchw(x, norms[i].weight, norms[i].eps))
     return torch.sigmoid(x)
 
 
