@@ -81,23 +81,36 @@ def test_play_episodes_counts_each_episode_once_and_records_env_0():
 def test_padded_policy_rows_play_the_same_episodes(monkeypatch, members):
     """The evaluator pads the policy's batch to training's shape (a compiled policy then needs
     no graph for the eval batch): each member's envs first in its block of rows, zero rows after.
-    The envs' episodes are those of the unpadded batch. Latents by argmax: a padded batch draws
-    its random numbers in another shape."""
-    from engine import dists
+    The envs' episodes are those of the unpadded batch."""
     from engine.config import member_configs
     from engine.fast import FastOptions
     from engine.population import PopulationAgent
 
-    monkeypatch.setattr(dists, "sample_index", lambda probs: probs.detach().argmax(-1))
     cfg = load_config("configs/tiny.toml", [f"population.size={members}"])
     torch.manual_seed(0)
     if members == 1:
         agent = Agent(cfg, 4, 2)
-    else:  # members of their own seeds: a row put in another member's block acts differently
+    else:
         agent = PopulationAgent(member_configs(cfg), 4, 2, torch.device("cpu"), FastOptions())
-    played = []
-    for rows in (None, (members, 5)):
-        env = make_env("CartPole-v1", cfg.env.backend, 2 * members, 7, cfg.image_size, True)
+    # What the policy saw and returned, and what the envs were given, per step.
+    calls, stepped = [], []
+    policy = agent.policy
+
+    def spy_policy(obs, carry, greedy):
+        action, carry = policy(obs, carry, greedy)
+        # The untrained agent's action hardly depends on its row: each row's action is made its
+        # own pole angle's sign (0 on a zero row), so an env given another row's action, or a
+        # member's envs swapped with its zero rows, plays another episode.
+        action = (obs["vector"][:, 2] > 0).long()
+        calls.append(({k: v.clone() for k, v in obs.items()}, action.clone()))
+        return action, carry
+
+    monkeypatch.setattr(agent, "policy", spy_policy)
+    played, per, n = [], 2, 5
+    for rows in (None, (members, n)):
+        env = make_env("CartPole-v1", cfg.env.backend, per * members, 7, cfg.image_size, True)
+        step = env.step
+        env.step = lambda action, step=step: (stepped.append(np.array(action)), step(action))[1]
         try:
             played.append(play_episodes(agent, env, ObsUploader(torch.device("cpu")), True,
                                         rows=rows))  # fmt: skip
@@ -105,6 +118,17 @@ def test_padded_policy_rows_play_the_same_episodes(monkeypatch, members):
             env.close()
     for got, want in zip(played[1], played[0]):
         np.testing.assert_array_equal(got, want)
+    # Row by row: in the padded run each member's block of n rows holds its envs' observations
+    # first, zeros after, and its envs are given the actions of their own rows.
+    steps = int(played[0].lengths.max())  # policy calls per run (both runs' calls in order)
+    assert len(calls) == len(stepped) == 2 * steps
+    for (obs, action), (obs0, _), given in zip(calls[steps:], calls[:steps], stepped[steps:]):
+        for key, x in obs.items():
+            blocks = x.reshape(members, n, *x.shape[1:])
+            want = obs0[key].reshape(members, per, *x.shape[1:])
+            torch.testing.assert_close(blocks[:, :per], want, rtol=0, atol=0, msg=key)
+            assert not blocks[:, per:].any(), key
+        np.testing.assert_array_equal(given, action.reshape(members, n)[:, :per].flatten())
 
 
 @pytest.mark.compiled
