@@ -60,7 +60,7 @@ def _leading_rows(buf: Tensor, rows: int) -> Tensor:
         return buf[:rows].to("cpu")
     assert buf.is_contiguous()
     size = buf.element_size()
-    start, nbytes = buf.storage_offset() * size, rows * buf[0].numel() * size
+    start, nbytes = buf.storage_offset() * size, rows * buf.stride(0) * size
     storage = buf.untyped_storage()[start : start + nbytes]
     return torch.empty(0, dtype=buf.dtype).set_(storage, 0, (rows, *buf.shape[1:]))
 

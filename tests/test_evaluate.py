@@ -102,7 +102,7 @@ def test_padded_policy_rows_play_the_same_episodes(monkeypatch, members):
         # own pole angle's sign (0 on a zero row), so an env given another row's action, or a
         # member's envs swapped with its zero rows, plays another episode.
         action = (obs["vector"][:, 2] > 0).long()
-        calls.append(({k: v.clone() for k, v in obs.items()}, action.clone()))
+        calls.append(({k: v.clone() for k, v in obs.items()}, action))
         return action, carry
 
     monkeypatch.setattr(agent, "policy", spy_policy)
