@@ -268,6 +268,12 @@ class TrainConfig:
     """End the run once this many evaluations in a row reach the task's solved return
     (CartPole-v1 450, LunarLander-v3 200): a stopping rule fixed before the run, so its final
     checkpoint is the one to re-evaluate; 0 = train to max_train_steps."""
+    stop_confirm_episodes: int = 0
+    """With stop_solved_evals: once the streak is complete, play at least this many fresh
+    greedy episodes (log.eval_episodes per round) with the same weights, and stop only if
+    their mean reaches the solved return; otherwise train on (the next evaluation at the
+    target confirms again). A 10-episode eval swings by ~100 on LunarLander, so a streak
+    alone can stop an agent whose true mean is below the target; 0 = off."""
 
 
 @dataclass
@@ -704,6 +710,18 @@ def validate(cfg: Config, src: str = "config") -> None:
             getattr(t, key),
         )
     need(t.stop_solved_evals >= 0, "train.stop_solved_evals", "must be >= 0", t.stop_solved_evals)
+    need(
+        t.stop_confirm_episodes >= 0,
+        "train.stop_confirm_episodes",
+        "must be >= 0",
+        t.stop_confirm_episodes,
+    )
+    need(
+        not t.stop_confirm_episodes or t.stop_solved_evals > 0,
+        "train.stop_confirm_episodes",
+        "confirms a solved stop: it needs train.stop_solved_evals > 0",
+        t.stop_confirm_episodes,
+    )
     need(
         t.early_stop_patience >= 0,
         "train.early_stop_patience",

@@ -74,6 +74,15 @@ class Episodes(NamedTuple):
     terminal: np.ndarray  # ended by the task (True) or cut at its time limit (False)
     last_reward: np.ndarray  # the reward of the final step (LunarLander: +100 rest, -100 crash)
 
+    def rows(self, rows: slice) -> Episodes:
+        """The episodes of `rows` (a population member's block of envs)."""
+        return Episodes(*(x[rows] for x in self))
+
+    @staticmethod
+    def join(parts: list[Episodes]) -> Episodes:
+        """The episodes of several rounds of play, in order."""
+        return Episodes(*(np.concatenate(xs) for xs in zip(*parts)))
+
 
 def play_episodes(
     agent: Agent,

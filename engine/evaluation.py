@@ -70,6 +70,11 @@ class Evaluator:
         )
         return episodes, clip
 
+    def rounds(self, count: int) -> list[Episodes]:
+        """`count` more rounds of play(): fresh episodes with the same weights (the confirmation
+        of a solved stop, train.stop_confirm_episodes)."""
+        return [self.play()[0] for _ in range(count)]
+
     def _record_frame(
         self, frames: list, actions: list[int], obs: dict[str, np.ndarray], action: int
     ) -> bool:

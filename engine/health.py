@@ -1,5 +1,6 @@
 """When a run stops before its budget: diverged (a non-finite metric, a runaway dream value),
-early-stopped (train.early_stop_patience) or solved (train.stop_solved_evals). Pure decisions
+early-stopped (train.early_stop_patience) or solved (train.stop_solved_evals, confirmed on
+train.stop_confirm_episodes fresh episodes when set). Pure decisions
 on the config and a run's (or a population member's) counters; the trainer acts on them."""
 
 from __future__ import annotations
@@ -62,4 +63,23 @@ def solved_reason(cfg: Config, last_eval: float, c: dict) -> str | None:
     return (
         f"{c['solved_streak']} evaluations in a row reached the solved return "
         f"{target:g} (train.stop_solved_evals)"
+    )
+
+
+def confirm_rounds(t: TrainConfig, per_round: int) -> int:
+    """How many evaluation rounds of `per_round` episodes each the confirmation of a solved
+    stop plays: enough for at least train.stop_confirm_episodes; 0 when it is off."""
+    return -(-t.stop_confirm_episodes // per_round) if t.stop_confirm_episodes else 0
+
+
+def confirm_verdict(cfg: Config, returns: list[float]) -> tuple[bool, str]:
+    """train.stop_confirm_episodes: whether the returns of the fresh greedy episodes played
+    with the weights a solved streak ended on reach the task's solved return, and why."""
+    target = TASK_TARGETS[cfg.env.name]
+    mean = sum(returns) / len(returns)
+    passed = mean >= target
+    return passed, (
+        f"{len(returns)} fresh greedy episodes with the same weights averaged {mean:.1f}, "
+        f"{'at or above' if passed else 'below'} the solved return {target:g} "
+        "(train.stop_confirm_episodes)"
     )

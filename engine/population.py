@@ -63,9 +63,9 @@ from engine.config import (
     validate,
 )
 from engine.dists import make_bins
-from engine.episodes import episode_ends
+from engine.episodes import Episodes, episode_ends
 from engine.fast import FastOptions
-from engine.health import early_stop_reason, solved_reason, unhealthy
+from engine.health import confirm_rounds, early_stop_reason, solved_reason, unhealthy
 from engine.logger import MetricsLog, truncate_metrics
 from engine.nvtx import nvtx_range
 from engine.optim import StackedOptimizer, step_together
@@ -829,7 +829,7 @@ class PopulationTrainer(Trainer):
         c, n = self.counters, self.cfg.log.eval_episodes
         episodes, _ = self.evaluator.play()
         ends = episode_ends(self.cfg.env.name, episodes.terminal, episodes.last_reward)
-        evals = []
+        evals, solved = [], {}
         for k, mc in enumerate(self.member_counters):
             rows = slice(k * n, (k + 1) * n)
             returns, lengths = episodes.returns[rows], episodes.lengths[rows]
@@ -852,7 +852,8 @@ class PopulationTrainer(Trainer):
                 self._checkpoint_member(k, "best")
             reason = solved_reason(self.cfg, mc["last_eval"], mc)
             if reason is not None:
-                self._stop_member(k, "solved", reason, eval_return=mc["last_eval"])
+                solved[k] = reason
+        self._stop_solved(solved)
         self._flush_stops()
         # The job's: every rank's members (in one process, this population).
         evals, bests = zip(*self._job(zip(evals, (m["best_eval"] for m in self.member_counters))))
@@ -866,6 +867,28 @@ class PopulationTrainer(Trainer):
         )
         self.write_summary()
         return self.last_eval
+
+    def _stop_solved(self, solved: dict[int, str]) -> None:
+        """Stops the members whose solved streak is complete ({member: reason}), each once its
+        own rows of train.stop_confirm_episodes fresh episodes confirm it when that is set
+        (the rounds are played once for all of them)."""
+        n = self.cfg.log.eval_episodes
+        rounds = confirm_rounds(self.cfg.train, n) if solved else 0
+        parts = self.evaluator.rounds(rounds)
+        for k, reason in solved.items():
+            if parts:
+                mine = Episodes.join([p.rows(slice(k * n, (k + 1) * n)) for p in parts])
+                passed, why, fields = self._confirmation(mine)
+                self._member_write(k, "solve_confirm", **fields)
+                if not passed:
+                    self.progress.write(
+                        f"member {self.first + k}: not stopped at step {self.counters['step']}: "
+                        f"{reason}, but {why}; it trains on",
+                        every_rank=True,
+                    )
+                    continue
+                reason = f"{reason}; {why}"
+            self._stop_member(k, "solved", reason, eval_return=self.member_counters[k]["last_eval"])
 
     # ---- Checkpoints ------------------------------------------------------------------------
 

@@ -33,7 +33,14 @@ from engine.device import free_memory, resolve_device, thread_summary
 from engine.envs import make_env
 from engine.episodes import Episodes, episode_ends
 from engine.evaluation import Evaluator, dream_unavailable
-from engine.health import early_stop_reason, short, solved_reason, unhealthy
+from engine.health import (
+    confirm_rounds,
+    confirm_verdict,
+    early_stop_reason,
+    short,
+    solved_reason,
+    unhealthy,
+)
 from engine.logger import MetricsLog, Progress, truncate_metrics
 from engine.nvtx import ProfileWindow, nvtx_range
 from engine.replay import Replay, replay_bytes, transition_spec
@@ -508,10 +515,23 @@ class Trainer:
         self._record("early_stop", reason=reason, best_wm_loss=c["es_best"])
         self.progress.write(f"early stop at step {c['step']}: {reason}")
 
-    def _check_solved(self) -> None:
+    def _check_solved(self, played: int) -> None:
+        """train.stop_solved_evals after an evaluation of `played` episodes, confirmed on
+        train.stop_confirm_episodes fresh ones when set."""
         reason = solved_reason(self.cfg, self.last_eval, self.counters)
         if reason is None:
             return
+        if rounds := confirm_rounds(self.cfg.train, played):
+            parts = [self._gathered_episodes(e) for e in self.evaluator.rounds(rounds)]
+            passed, why, fields = self._confirmation(Episodes.join(parts))
+            self._record("solve_confirm", **fields)
+            if not passed:
+                self.progress.write(
+                    f"not stopped at step {self.counters['step']}: {reason}, but {why}; "
+                    "training goes on"
+                )
+                return
+            reason = f"{reason}; {why}"
         self.stop_reason, self.stop_kind = reason, "solved"
         self._record("solved", reason=reason, eval_return=self.last_eval)
         self.progress.write(f"solved at step {self.counters['step']}: {reason}")
@@ -526,8 +546,7 @@ class Trainer:
         c = self.counters
         # With dream videos, the first eval env's first episode is recorded for a dream.
         episodes, clip = self.evaluator.play(record=self.dreams)
-        if self.dp is not None:  # every rank's episodes: the same record on every rank
-            episodes = Episodes(*(self._gathered(x) for x in episodes))
+        episodes = self._gathered_episodes(episodes)
         returns, lengths = episodes.returns, episodes.lengths
         self.last_eval = float(returns.mean())
         # LunarLander: eval_rest, eval_crash, eval_time_limit; other tasks: eval_time_limit.
@@ -548,10 +567,34 @@ class Trainer:
         if self.last_eval > c["best_eval"]:
             c["best_eval"] = self.last_eval
             self._checkpoint("best")
-        self._check_solved()
+        self._check_solved(len(returns))
         if clip is not None:
             self.evaluator.dream(clip, c["step"])
         return self.last_eval
+
+    def _gathered_episodes(self, episodes: Episodes) -> Episodes:
+        """Under torchrun, every rank's episodes (the same record on every rank)."""
+        if self.dp is None:
+            return episodes
+        return Episodes(*(self._gathered(x) for x in episodes))
+
+    def _confirmation(self, episodes: Episodes) -> tuple[bool, str, dict]:
+        """A solved streak's confirmation episodes: (passed, why, the solve_confirm record)."""
+        passed, why = confirm_verdict(self.cfg, episodes.returns.tolist())
+        ends = episode_ends(self.cfg.env.name, episodes.terminal, episodes.last_reward)
+        return (
+            passed,
+            why,
+            dict(
+                reason=why,
+                passed=passed,
+                confirm_return=float(episodes.returns.mean()),
+                confirm_return_std=float(episodes.returns.std()),
+                confirm_returns=episodes.returns.tolist(),
+                confirm_episodes=len(episodes.returns),
+                **{f"confirm_{k}": int(m.sum()) for k, m in ends.items()},
+            ),
+        )
 
     # ---- Checkpoints --------------------------------------------------------------------------
 

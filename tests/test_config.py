@@ -69,6 +69,8 @@ def write(tmp_path, name, text):
         ("j.toml", "train = 3\n", ["'train' must be a table"]),
         ("k.toml", "[general]\ndevice = 'tpu'\n", ["general.device"]),
         ("l.toml", "[env]\nprocesses = true\n", ["env.processes", "gymnasium"]),
+        ("m.toml", "[train]\nstop_confirm_episodes = -5\n", ["stop_confirm_episodes", ">= 0"]),
+        ("n.toml", "[train]\nstop_confirm_episodes = 50\n", ["stop_solved_evals > 0"]),
     ],
 )
 def test_bad_configs_name_the_file_and_key(tmp_path, name, text, words):

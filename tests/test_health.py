@@ -170,18 +170,83 @@ def test_stop_solved_evals_ends_the_run_after_enough_evals_in_a_row(tmp_path):
     tr = trainer(tmp_path / "r", "train.stop_solved_evals=2")
     for ret in (460.0, 300.0, 450.0):  # CartPole's solved return is 450: the streak restarts
         tr.last_eval = ret
-        tr._check_solved()
+        tr._check_solved(10)
         assert tr.stop_reason is None
     tr.last_eval = 500.0
-    tr._check_solved()
+    tr._check_solved(10)
     assert tr.counters["solved_streak"] == 2 and tr._done()
     assert "2 evaluations in a row reached the solved return 450" in tr.stop_reason
     (rec,) = records(tmp_path / "r", "solved")
     assert rec["eval_return"] == 500.0
     off = trainer(tmp_path / "off")
     off.last_eval = 500.0
-    off._check_solved()
+    off._check_solved(10)
     assert off.stop_reason is None
+
+
+def fixed_rounds(returns_per_round: list[list[float]], played: list[int]):
+    """An Evaluator.rounds stand-in: round i's episodes have returns_per_round[i]; `played`
+    collects the round counts asked for."""
+    from engine.episodes import Episodes
+
+    def rounds(count: int) -> list[Episodes]:
+        played.append(count)
+        out = []
+        for returns in returns_per_round[:count]:
+            r = np.asarray(returns, dtype=float)
+            # CartPole ends: the pole falls (terminal) unless the episode reached 500.
+            out.append(Episodes(r, r.astype(np.int64), r < 500, np.ones_like(r)))
+        return out
+
+    return rounds
+
+
+def test_a_solved_streak_stops_only_once_fresh_episodes_confirm_it(tmp_path):
+    """train.stop_confirm_episodes = 25 after evals of 10 episodes: 3 rounds (30 fresh
+    episodes) with the same weights; a mean under 450 keeps the run training with its streak,
+    so the next eval at the target confirms again."""
+    tr = trainer(tmp_path / "r", "train.stop_solved_evals=2", "train.stop_confirm_episodes=25")
+    played: list[int] = []
+    low = [[500.0] * 5 + [300.0] * 5] * 3  # mean 400
+    tr.evaluator.rounds = fixed_rounds(low, played)
+    for ret in (460.0, 470.0):
+        tr.last_eval = ret
+        tr._check_solved(10)
+    assert played == [3] and tr.stop_reason is None and not tr._done()
+    (rec,) = records(tmp_path / "r", "solve_confirm")
+    assert rec["passed"] is False and rec["confirm_episodes"] == 30
+    assert rec["confirm_return"] == pytest.approx(400.0)
+    assert rec["confirm_terminated"] == 15 and rec["confirm_time_limit"] == 15
+    assert "30 fresh greedy episodes with the same weights averaged 400.0, below" in rec["reason"]
+    assert not records(tmp_path / "r", "solved")
+    high = [[500.0] * 10, [500.0] * 10, [450.0] * 10]
+    tr.evaluator.rounds = fixed_rounds(high, played)
+    tr.last_eval = 455.0  # the streak goes on (3 evals at 450+): confirmed again
+    tr._check_solved(10)
+    assert played == [3, 3] and tr._done()
+    assert "averaged 483.3, at or above the solved return 450" in tr.stop_reason
+    (rec,) = records(tmp_path / "r", "solved")
+    assert rec["eval_return"] == 455.0 and "fresh greedy episodes" in rec["reason"]
+    assert [r["passed"] for r in records(tmp_path / "r", "solve_confirm")] == [False, True]
+
+
+def test_a_confirmed_solved_stop_plays_real_fresh_episodes(tmp_path, monkeypatch):
+    """The whole loop: a target of -1 makes every evaluation solved, and the confirmation's
+    5 episodes (3 rounds of the 2 eval envs: 6) are played by the eval envs."""
+    monkeypatch.setitem(config_module.TASK_TARGETS, "CartPole-v1", -1.0)
+    rd = tmp_path / "r"
+    tr = trainer(rd, "train.stop_solved_evals=1", "train.stop_confirm_episodes=5",
+                 "train.max_train_steps=40", "log.eval_every=6")  # fmt: skip
+    try:
+        result = tr.run()
+    finally:
+        tr.close()
+    assert result["step"] == 6 and result["stop_kind"] == "solved"
+    (rec,) = records(rd, "solve_confirm")
+    assert rec["passed"] is True and rec["confirm_episodes"] == 6
+    returns = rec["confirm_returns"]
+    assert len(returns) == 6 and all(r >= 8 for r in returns)  # CartPole episodes last 8+ steps
+    assert rec["confirm_terminated"] + rec["confirm_time_limit"] == 6
 
 
 def test_a_solved_run_ends_at_the_evaluation_that_completes_the_streak(tmp_path, monkeypatch):

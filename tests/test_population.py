@@ -509,6 +509,41 @@ def test_a_solved_member_keeps_the_counters_of_its_stop_in_later_checkpoints(tmp
     assert "solved (solved in the test)" in (tmp_path / "pop" / "population.md").read_text()
 
 
+def test_each_solved_member_is_confirmed_on_its_own_rows(tmp_path):
+    """Two members complete their solved streak at the same evaluation; the confirmation rounds
+    are played once (train.stop_confirm_episodes = 4 over 2 eval envs per member: 2 rounds)
+    and each member is judged on its own rows: member 0 averages 475 and stops, member 1
+    averages 400 and trains on."""
+    from engine import population
+    from engine.episodes import Episodes
+
+    cfg = load_config("configs/tiny.toml", ["population.size=2", "env.image=false",
+                                            "train.stop_solved_evals=1",
+                                            "train.stop_confirm_episodes=4"])  # fmt: skip
+    tr = population.PopulationTrainer(cfg, tmp_path / "pop")
+    played = []
+
+    def rounds(count):
+        played.append(count)
+        r = np.array([500.0, 450.0, 400.0, 400.0])  # member 0's 2 envs, then member 1's
+        return [Episodes(r, r.astype(np.int64), r < 500, np.ones_like(r))] * count
+
+    tr.evaluator.rounds = rounds
+    try:
+        tr._stop_solved({0: "streak 0", 1: "streak 1"})
+    finally:
+        tr.close()
+    assert played == [2]
+    assert [m["status"] for m in tr.member_counters] == ["solved", "training"]
+    reason = tr.member_counters[0]["reason"]
+    assert "streak 0; 4 fresh greedy episodes with the same weights averaged 475.0" in reason
+    confirms = [lines(tmp_path / "pop" / f"member_0{k}" / "metrics.jsonl", "solve_confirm")
+                for k in (0, 1)]  # fmt: skip
+    assert [c[0]["passed"] for c in confirms] == [True, False]
+    assert confirms[1][0]["confirm_returns"] == [400.0] * 4
+    assert not lines(tmp_path / "pop" / "member_01" / "metrics.jsonl", "solved")
+
+
 def test_a_member_resumed_alone_takes_its_envs_from_the_population_replay(tmp_path):
     """engine.run --resume POP/member_01 continues member 1 as a single run: with
     log.checkpoint_replay its replay is member 1's envs cut out of the population's replay.pt,
