@@ -124,7 +124,7 @@ def measure(
     from engine import fast
     from engine.agent import Agent
     from engine.config import load_config, member_configs
-    from engine.device import resolve_device
+    from engine.device import resolve_device, set_threads
 
     overrides = [
         *extra,
@@ -136,6 +136,7 @@ def measure(
         overrides.append(f"population.size={population}")
     cfg = load_config(config, overrides)
     device, _ = resolve_device(cfg.general.device)
+    set_threads(cfg, device)  # as a training run chooses them (OMP_NUM_THREADS wins)
     opts, notices = fast.resolve(cfg.general, device)
     num_actions, vector_dim = (2, 4) if cfg.env.name == "CartPole-v1" else (4, 8)
     torch.manual_seed(0)

@@ -38,10 +38,42 @@ def free_memory(device: torch.device) -> int:
     return 0
 
 
-def thread_summary(cfg: Config, stepping: str) -> str:
-    """One line: the threads this run uses, and what they were chosen from; `stepping` is the
-    env's own account of how it steps (VecEnv.stepping)."""
-    how = "general.threads" if cfg.general.threads else "all available"
+# Below this d_hidden a CPU update runs faster on one intra-op thread than on several: its ops
+# are too small to split (each parallel region wakes sleeping OpenMP threads), and the other
+# cores step the envs meanwhile. Measured alone on the 2-core CPU, one thread against two
+# (benchmarks/results/cpu_threads_2026-12-05): lunarlander_d64 8x16 compiled bf16 183.4 and
+# 190.3 ms per update against 293.4 and 303.6, eager 266.3 and 292.5 against 338.8 and 351.7;
+# cartpole_d256 8x25 is faster on two, 893.9 against 994.5 ms compiled, 1,374.1 against
+# 1,878.0 eager. d_hidden 128 was not measured.
+ONE_THREAD_BELOW = 256
+
+
+def choose_threads(cfg: Config, device: torch.device) -> tuple[int, str]:
+    """torch's intra-op threads for a run on `device`: (the count to set, 0 to leave torch's
+    default; why). general.threads when set; else OMP_NUM_THREADS when the environment sets it
+    (engine.sweep --parallel and torchrun do); else, on a CPU, one thread for a model below
+    ONE_THREAD_BELOW; else torch's default, one per core."""
+    if cfg.general.threads:
+        return cfg.general.threads, "general.threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return 0, "OMP_NUM_THREADS"
+    d = cfg.models.d_hidden
+    if device.type == "cpu" and d < ONE_THREAD_BELOW:
+        return 1, f"auto: d_hidden {d} < {ONE_THREAD_BELOW} updates faster on one"
+    return 0, "all available"
+
+
+def set_threads(cfg: Config, device: torch.device) -> str:
+    """Sets the intra-op threads `choose_threads` picks; returns why, for `thread_summary`."""
+    count, why = choose_threads(cfg, device)
+    if count:
+        torch.set_num_threads(count)
+    return why
+
+
+def thread_summary(stepping: str, how: str) -> str:
+    """One line: the threads this run uses, and what they were chosen from (`how`, from
+    set_threads); `stepping` is the env's own account of how it steps (VecEnv.stepping)."""
     wait = os.environ.get("OMP_WAIT_POLICY", "(OpenMP default)").lower()
     ranks = local_ranks()
     share = f" to each of {ranks} ranks on this host" if ranks > 1 else ""

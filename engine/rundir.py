@@ -85,18 +85,15 @@ def load_run(
     parameters are the same on every path), and `num_envs` envs of the run's task to play in,
     seeded `seed` (default general.seed + seed_offset); worker processes if `processes` and the
     run used them. Prints the device notice, if any; raises RunError with a one-line message."""
-    import torch
-
     from engine.agent import Agent
-    from engine.device import resolve_device
+    from engine.device import resolve_device, set_threads
     from engine.envs import EnvError, make_env
 
     path, state, cfg = read_checkpoint(run_dir, which)
     device, notice = resolve_device(device_pref or cfg.general.device)
     if notice:  # no CUDA device: training-time notice, printed once here
         print(notice, file=sys.stderr)
-    if cfg.general.threads:
-        torch.set_num_threads(cfg.general.threads)
+    set_threads(cfg, device)
     e = cfg.env
     seed = cfg.general.seed + seed_offset if seed is None else seed
     try:

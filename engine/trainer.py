@@ -29,7 +29,7 @@ from engine.config import (
     save_toml,
     to_dict,
 )
-from engine.device import free_memory, resolve_device, thread_summary
+from engine.device import free_memory, resolve_device, set_threads, thread_summary
 from engine.envs import make_env
 from engine.episodes import Episodes, episode_ends
 from engine.evaluation import Evaluator, dream_unavailable
@@ -102,8 +102,7 @@ class Trainer:
         self.device, notice = resolve_device(cfg.general.device)
         if self.dist is not None and self.device.type == "cuda":
             self.device = self.dist.device  # one GPU per rank
-        if cfg.general.threads:
-            torch.set_num_threads(cfg.general.threads)
+        self.threads_chosen = set_threads(cfg, self.device)
         # Other ranks than 0 stay silent (their lines would repeat rank 0's).
         self.progress = Progress(cfg.train.max_train_steps, 0, cfg.log.progress, self.is_main)
         if notice:
@@ -265,7 +264,7 @@ class Trainer:
         c, t = self.counters, self.cfg.train
         n = self.param_summary()
         self.progress.write(f"parameters: {n}")
-        self.progress.write(thread_summary(self.cfg, self.env.stepping))
+        self.progress.write(thread_summary(self.env.stepping, self.threads_chosen))
         self.progress.write(f"run directory: {self.run_dir}")
         if t.lr_scaling != "none":
             lrs = ", ".join(f"{k} {short(v)}" for k, v in self.lrs.items())

@@ -300,3 +300,31 @@ def test_importing_engine_sets_a_passive_openmp_wait_unless_given(given):
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     assert out.stdout.strip() == (given or "PASSIVE")
+
+
+def test_intra_op_threads_auto_pick_one_for_a_small_model_on_a_cpu(monkeypatch):
+    """general.threads = 0: OMP_NUM_THREADS when set, one thread below d_hidden 256 on a CPU
+    (measured faster there), torch's default for d256 and on CUDA; a set count always wins."""
+    import torch
+
+    from engine.config import load_config
+    from engine.device import choose_threads, set_threads
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    d64 = load_config("configs/cartpole_d64.toml")
+    d256 = load_config("configs/cartpole_d256.toml")
+    two = load_config("configs/cartpole_d64.toml", ["general.threads=2"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert choose_threads(d64, cpu) == (1, "auto: d_hidden 64 < 256 updates faster on one")
+    assert choose_threads(d256, cpu) == (0, "all available")
+    assert choose_threads(d64, cuda) == (0, "all available")
+    assert choose_threads(two, cpu) == (2, "general.threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # engine.sweep --parallel, torchrun
+    assert choose_threads(d64, cpu) == (0, "OMP_NUM_THREADS")
+    assert choose_threads(two, cpu) == (2, "general.threads")
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert set_threads(d64, cpu).startswith("auto") and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
