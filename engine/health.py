@@ -72,14 +72,14 @@ def confirm_rounds(t: TrainConfig, per_round: int) -> int:
     return -(-t.stop_confirm_episodes // per_round) if t.stop_confirm_episodes else 0
 
 
-def confirm_verdict(cfg: Config, returns: list[float]) -> tuple[bool, str]:
-    """train.stop_confirm_episodes: whether the returns of the fresh greedy episodes played
-    with the weights a solved streak ended on reach the task's solved return, and why."""
+def confirm_verdict(cfg: Config, mean: float, count: int) -> tuple[bool, str]:
+    """train.stop_confirm_episodes: whether the mean return of the `count` fresh greedy
+    episodes played with the weights a solved streak ended on reaches the task's solved
+    return, and why."""
     target = TASK_TARGETS[cfg.env.name]
-    mean = sum(returns) / len(returns)
     passed = mean >= target
     return passed, (
-        f"{len(returns)} fresh greedy episodes with the same weights averaged {mean:.1f}, "
+        f"{count} fresh greedy episodes with the same weights averaged {mean:.1f}, "
         f"{'at or above' if passed else 'below'} the solved return {target:g} "
         "(train.stop_confirm_episodes)"
     )

@@ -878,16 +878,16 @@ class PopulationTrainer(Trainer):
         for k, reason in solved.items():
             if parts:
                 mine = Episodes.join([p.rows(slice(k * n, (k + 1) * n)) for p in parts])
-                passed, why, fields = self._confirmation(mine)
-                self._member_write(k, "solve_confirm", **fields)
-                if not passed:
+                confirm = self._confirmation(mine)
+                self._member_write(k, "solve_confirm", **confirm)
+                if not confirm["passed"]:
                     self.progress.write(
                         f"member {self.first + k}: not stopped at step {self.counters['step']}: "
-                        f"{reason}, but {why}; it trains on",
+                        f"{reason}, but {confirm['reason']}; it trains on",
                         every_rank=True,
                     )
                     continue
-                reason = f"{reason}; {why}"
+                reason = f"{reason}; {confirm['reason']}"
             self._stop_member(k, "solved", reason, eval_return=self.member_counters[k]["last_eval"])
 
     # ---- Checkpoints ------------------------------------------------------------------------

@@ -522,15 +522,15 @@ class Trainer:
             return
         if rounds := confirm_rounds(self.cfg.train, played):
             parts = [self._gathered_episodes(e) for e in self.evaluator.rounds(rounds)]
-            passed, why, fields = self._confirmation(Episodes.join(parts))
-            self._record("solve_confirm", **fields)
-            if not passed:
+            confirm = self._confirmation(Episodes.join(parts))
+            self._record("solve_confirm", **confirm)
+            if not confirm["passed"]:
                 self.progress.write(
-                    f"not stopped at step {self.counters['step']}: {reason}, but {why}; "
-                    "training goes on"
+                    f"not stopped at step {self.counters['step']}: {reason}, but "
+                    f"{confirm['reason']}; training goes on"
                 )
                 return
-            reason = f"{reason}; {why}"
+            reason = f"{reason}; {confirm['reason']}"
         self.stop_reason, self.stop_kind = reason, "solved"
         self._record("solved", reason=reason, eval_return=self.last_eval)
         self.progress.write(f"solved at step {self.counters['step']}: {reason}")
@@ -577,22 +577,21 @@ class Trainer:
             return episodes
         return Episodes(*(self._gathered(x) for x in episodes))
 
-    def _confirmation(self, episodes: Episodes) -> tuple[bool, str, dict]:
-        """A solved streak's confirmation episodes: (passed, why, the solve_confirm record)."""
-        passed, why = confirm_verdict(self.cfg, episodes.returns.tolist())
+    def _confirmation(self, episodes: Episodes) -> dict:
+        """The solve_confirm record of a solved streak's confirmation episodes: whether they
+        `passed`, the `reason`, their returns and how they ended."""
+        returns = episodes.returns
+        mean = float(returns.mean())
+        passed, why = confirm_verdict(self.cfg, mean, len(returns))
         ends = episode_ends(self.cfg.env.name, episodes.terminal, episodes.last_reward)
-        return (
-            passed,
-            why,
-            dict(
-                reason=why,
-                passed=passed,
-                confirm_return=float(episodes.returns.mean()),
-                confirm_return_std=float(episodes.returns.std()),
-                confirm_returns=episodes.returns.tolist(),
-                confirm_episodes=len(episodes.returns),
-                **{f"confirm_{k}": int(m.sum()) for k, m in ends.items()},
-            ),
+        return dict(
+            reason=why,
+            passed=passed,
+            confirm_return=mean,
+            confirm_return_std=float(returns.std()),
+            confirm_returns=returns.tolist(),
+            confirm_episodes=len(returns),
+            **{f"confirm_{k}": int(m.sum()) for k, m in ends.items()},
         )
 
     # ---- Checkpoints --------------------------------------------------------------------------
