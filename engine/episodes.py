@@ -78,6 +78,22 @@ class Episodes(NamedTuple):
         """The episodes of `rows` (a population member's block of envs)."""
         return Episodes(*(x[rows] for x in self))
 
+    def record(self, prefix: str, task: str) -> dict[str, Any]:
+        """The metrics-record fields of these episodes, named `prefix`_...: the mean return, its
+        std, every return, the mean length, the count, how many the task ended, and how many
+        ended each way of `episode_ends` (the eval and solve_confirm records)."""
+        ends = episode_ends(task, self.terminal, self.last_reward)
+        ends.pop("terminated", None)  # the count below, for every task
+        return {
+            f"{prefix}_return": float(self.returns.mean()),
+            f"{prefix}_return_std": float(self.returns.std()),
+            f"{prefix}_returns": self.returns.tolist(),
+            f"{prefix}_length": float(self.lengths.mean()),
+            f"{prefix}_episodes": len(self.returns),
+            f"{prefix}_terminated": int(self.terminal.sum()),
+            **{f"{prefix}_{kind}": int(mask.sum()) for kind, mask in ends.items()},
+        }
+
     @staticmethod
     def join(parts: list[Episodes]) -> Episodes:
         """The episodes of several rounds of play, in order."""

@@ -63,7 +63,7 @@ from engine.config import (
     validate,
 )
 from engine.dists import make_bins
-from engine.episodes import Episodes, episode_ends
+from engine.episodes import Episodes
 from engine.fast import FastOptions
 from engine.health import confirm_rounds, early_stop_reason, solved_reason, unhealthy
 from engine.logger import MetricsLog, truncate_metrics
@@ -828,23 +828,12 @@ class PopulationTrainer(Trainer):
     def _evaluate(self) -> float:
         c, n = self.counters, self.cfg.log.eval_episodes
         episodes, _ = self.evaluator.play()
-        ends = episode_ends(self.cfg.env.name, episodes.terminal, episodes.last_reward)
         evals, solved = [], {}
         for k, mc in enumerate(self.member_counters):
-            rows = slice(k * n, (k + 1) * n)
-            returns, lengths = episodes.returns[rows], episodes.lengths[rows]
-            mc["last_eval"] = float(returns.mean())
+            fields = episodes.rows(self._eval_rows(k)).record("eval", self.cfg.env.name)
+            mc["last_eval"] = fields["eval_return"]
             evals.append(mc["last_eval"])
-            self._member_write(
-                k,
-                "eval",
-                eval_return=mc["last_eval"],
-                eval_return_std=float(returns.std()),
-                eval_returns=returns.tolist(),
-                eval_length=float(lengths.mean()),
-                eval_terminated=int(episodes.terminal[rows].sum()),
-                **{f"eval_{e}": int(m[rows].sum()) for e, m in ends.items() if e != "terminated"},
-            )
+            self._member_write(k, "eval", **fields)
             if mc["status"] != "training":
                 continue
             if mc["last_eval"] > mc["best_eval"]:
@@ -868,6 +857,11 @@ class PopulationTrainer(Trainer):
         self.write_summary()
         return self.last_eval
 
+    def _eval_rows(self, k: int) -> slice:
+        """Member k's rows of an evaluation's episodes (log.eval_episodes envs each)."""
+        n = self.cfg.log.eval_episodes
+        return slice(k * n, (k + 1) * n)
+
     def _stop_solved(self, solved: dict[int, str]) -> None:
         """Stops the members whose solved streak is complete ({member: reason}), each once its
         own rows of train.stop_confirm_episodes fresh episodes confirm it when that is set
@@ -877,7 +871,7 @@ class PopulationTrainer(Trainer):
         parts = self.evaluator.rounds(rounds)
         for k, reason in solved.items():
             if parts:
-                mine = Episodes.join([p.rows(slice(k * n, (k + 1) * n)) for p in parts])
+                mine = Episodes.join([p.rows(self._eval_rows(k)) for p in parts])
                 confirm = self._confirmation(mine)
                 self._member_write(k, "solve_confirm", **confirm)
                 if not confirm["passed"]:

@@ -31,7 +31,7 @@ from engine.config import (
 )
 from engine.device import free_memory, resolve_device, set_threads, thread_summary
 from engine.envs import make_env
-from engine.episodes import Episodes, episode_ends
+from engine.episodes import Episodes
 from engine.evaluation import Evaluator, dream_unavailable
 from engine.health import (
     confirm_rounds,
@@ -546,27 +546,17 @@ class Trainer:
         # With dream videos, the first eval env's first episode is recorded for a dream.
         episodes, clip = self.evaluator.play(record=self.dreams)
         episodes = self._gathered_episodes(episodes)
-        returns, lengths = episodes.returns, episodes.lengths
-        self.last_eval = float(returns.mean())
-        # LunarLander: eval_rest, eval_crash, eval_time_limit; other tasks: eval_time_limit.
-        ends = episode_ends(self.cfg.env.name, episodes.terminal, episodes.last_reward)
-        self._record(
-            "eval",
-            eval_return=self.last_eval,
-            eval_return_std=float(returns.std()),
-            eval_returns=returns.tolist(),
-            eval_length=float(lengths.mean()),
-            eval_terminated=int(episodes.terminal.sum()),
-            **{f"eval_{k}": int(m.sum()) for k, m in ends.items() if k != "terminated"},
-        )
+        fields = episodes.record("eval", self.cfg.env.name)
+        self.last_eval = fields["eval_return"]
+        self._record("eval", **fields)
         self.progress.write(
             f"step {c['step']} env_steps {c['env_steps']}: "
-            f"eval return {self.last_eval:.1f} over {len(returns)} episodes"
+            f"eval return {self.last_eval:.1f} over {fields['eval_episodes']} episodes"
         )
         if self.last_eval > c["best_eval"]:
             c["best_eval"] = self.last_eval
             self._checkpoint("best")
-        self._check_solved(len(returns))
+        self._check_solved(fields["eval_episodes"])
         if clip is not None:
             self.evaluator.dream(clip, c["step"])
         return self.last_eval
@@ -580,19 +570,10 @@ class Trainer:
     def _confirmation(self, episodes: Episodes) -> dict:
         """The solve_confirm record of a solved streak's confirmation episodes: whether they
         `passed`, the `reason`, their returns and how they ended."""
-        returns = episodes.returns
-        mean = float(returns.mean())
-        passed, why = confirm_verdict(self.cfg, mean, len(returns))
-        ends = episode_ends(self.cfg.env.name, episodes.terminal, episodes.last_reward)
-        return dict(
-            reason=why,
-            passed=passed,
-            confirm_return=mean,
-            confirm_return_std=float(returns.std()),
-            confirm_returns=returns.tolist(),
-            confirm_episodes=len(returns),
-            **{f"confirm_{k}": int(m.sum()) for k, m in ends.items()},
-        )
+        fields = episodes.record("confirm", self.cfg.env.name)
+        mean, count = fields["confirm_return"], fields["confirm_episodes"]
+        passed, why = confirm_verdict(self.cfg, mean, count)
+        return dict(reason=why, passed=passed, **fields)
 
     # ---- Checkpoints --------------------------------------------------------------------------
 

@@ -187,6 +187,33 @@ def test_episode_ends_lunarlander_and_cartpole():
         episode_ends("LunarLander-v3", terminal, last[:3])
 
 
+def test_episodes_record_fields_for_each_task():
+    """Episodes.record: the fields the eval and solve_confirm records carry, by hand, and a
+    member's rows give its own episodes' fields."""
+    eps = Episodes(
+        returns=np.array([250.0, -120.0, 30.0, 10.0]),
+        lengths=np.array([300, 90, 1000, 40]),
+        terminal=np.array([True, True, False, True]),
+        last_reward=np.array([100.0, -100.0, 0.5, 100.0]),
+    )
+    rec = eps.record("eval", "LunarLander-v3")
+    assert rec == dict(
+        eval_return=42.5,
+        eval_return_std=float(np.std([250.0, -120.0, 30.0, 10.0])),
+        eval_returns=[250.0, -120.0, 30.0, 10.0],
+        eval_length=357.5,
+        eval_episodes=4,
+        eval_terminated=3,
+        eval_rest=2,
+        eval_crash=1,
+        eval_time_limit=1,
+    )
+    cart = eps.rows(slice(2, 4)).record("confirm", "CartPole-v1")
+    assert cart["confirm_returns"] == [30.0, 10.0] and cart["confirm_episodes"] == 2
+    assert cart["confirm_terminated"] == 1 and cart["confirm_time_limit"] == 1
+    assert "confirm_rest" not in cart and cart["confirm_length"] == 520.0
+
+
 def test_episode_ends_of_a_committed_reevaluation():
     """llF best.pt's 50 greedy episodes (benchmarks/results, written before the split): the
     figures the README quotes. The final rewards are exactly +-100 on termination."""
