@@ -44,7 +44,9 @@ def free_memory(device: torch.device) -> int:
 # (benchmarks/results/cpu_threads_2026-12-05): lunarlander_d64 8x16 compiled bf16 183.4 and
 # 190.3 ms per update against 293.4 and 303.6, eager 266.3 and 292.5 against 338.8 and 351.7;
 # cartpole_d256 8x25 is faster on two, 893.9 against 994.5 ms compiled, 1,374.1 against
-# 1,878.0 eager. d_hidden 128 was not measured.
+# 1,878.0 eager. d_hidden 128 (lunarlander_d64 with d_hidden=128) is faster on one thread
+# compiled, 293.7 and 295.5 against 426.2 and 375.0 ms; eager it is a draw (475.9 and 519.5
+# against 472.3 and 480.2).
 ONE_THREAD_BELOW = 256
 
 
