@@ -107,8 +107,13 @@ def play_episodes(
     greedy: bool,
     record: Callable[[dict[str, np.ndarray], int], bool] | None = None,
     rows: tuple[int, int] | None = None,
+    probe: Callable[[Any, np.ndarray, np.ndarray], None] | None = None,
 ) -> Episodes:
     """One episode in each of `env`'s envs, in parallel.
+
+    `probe(carry, playing, reward)` (optional) sees each step: the policy's carry after it
+    observed the step's observation (its posterior), which envs were still in their episode
+    (N,), and the reward of the step it acted on (N, 0 where not playing).
 
     `record(obs, action)` (optional) sees env 0's observation and the action chosen for it at each
     step until it returns False, then once more with the episode's last observation and action 0
@@ -138,6 +143,8 @@ def play_episodes(
             if recording:
                 recording = record(obs, int(action[0]))
             obs = env.step(action)
+            if probe is not None:
+                probe(carry, ~done, np.where(done, 0.0, obs["reward"]))
             returns += np.where(done, 0.0, obs["reward"])
             lengths += ~done
             ending = obs["is_last"] & ~done

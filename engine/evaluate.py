@@ -11,6 +11,11 @@ command plays new episodes (by default seed general.seed + 30000, which no train
 uses) with the checkpoint's policy and prints the mean, spread and how many reach the task's
 solved return, and how the episodes ended (engine.episodes.episode_ends). The run directory is
 read by engine.rundir, the episodes played by engine.episodes.play_episodes.
+
+`--values` also checks the critic and the reward head against what happened: the critic's value
+of each episode's first state against the episode's real discounted return (gamma of the run),
+and the reward head's prediction at each step against the real reward. A critic that values a
+policy far above what it earns is how a LunarLander run falls into hovering until the time limit.
 """
 
 from __future__ import annotations
@@ -51,7 +56,86 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides general.device")
     p.add_argument("--target", type=float, help="solved return (default: the task's)")
     p.add_argument("--json", metavar="FILE", help="also write the figures and returns as JSON")
+    p.add_argument(
+        "--values",
+        action="store_true",
+        help="also compare the critic's value of each first state with the real discounted "
+        "return, and the reward head's predictions with the real rewards",
+    )
     return p.parse_args(argv)
+
+
+class ValueProbe:
+    """play_episodes' probe for --values: at each step the critic's value of the state the
+    policy acted from and the reward head's prediction there (of the reward that led to it),
+    beside the real reward of the step and which envs were playing. Arrays (T, N) by `arrays`."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.steps: list[tuple[np.ndarray, ...]] = []
+
+    def __call__(self, carry: Any, playing: np.ndarray, reward: np.ndarray) -> None:
+        wm, behavior = self.agent.wm, self.agent.behavior
+        feat = wm.feat(carry[0], carry[1])
+        value = behavior.value(behavior.critic(feat).float())
+        predicted = wm.reward(feat)
+        self.steps.append((value.cpu().numpy(), predicted.cpu().numpy(), playing, reward))
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """(values, predicted rewards, playing, rewards), each (T, N)."""
+        return tuple(np.stack(x) for x in zip(*self.steps))
+
+
+def value_check(
+    values: np.ndarray,
+    predicted: np.ndarray,
+    playing: np.ndarray,
+    rewards: np.ndarray,
+    gamma: float,
+    ends: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """--values' figures from ValueProbe's arrays (T, N): per episode the critic's value of its
+    first state and its real discounted return from there (cut where the episode ended: a
+    time-limit episode's tail, weight gamma^length, is not in it); their mean difference, also
+    per end kind (`ends`: episode_ends' masks); and the reward head's mean prediction against
+    the mean real reward over the steps it predicts (the reward that led to each observed
+    state; the last step's leads to no observed state)."""
+    discount = gamma ** np.arange(len(rewards))[:, None]
+    start_return = (discount * np.where(playing, rewards, 0.0)).sum(0)
+    start_value = values[0]
+    bias = start_value - start_return
+    seen = playing[1:]  # state t (t >= 1) was observed: its prediction is of reward t-1
+    return dict(
+        gamma=gamma,
+        value_start=[float(v) for v in start_value],
+        return_start=[float(g) for g in start_return],
+        value_start_mean=float(start_value.mean()),
+        return_start_mean=float(start_return.mean()),
+        value_bias=float(bias.mean()),
+        value_bias_by_end={k: float(bias[m].mean()) for k, m in ends.items() if m.any()},
+        reward_predicted_mean=float(predicted[1:][seen].mean()) if seen.any() else None,
+        reward_real_mean=float(rewards[:-1][seen].mean()) if seen.any() else None,
+    )
+
+
+def values_text(v: dict[str, Any], s: dict[str, Any]) -> str:
+    """The --values line from value_check's figures and summary's (for the end counts)."""
+    by_end = ", ".join(f"{s[k]} {END_TEXT[k]} {b:+.1f}" for k, b in v["value_bias_by_end"].items())
+    text = (
+        f"values: the critic values the first state at {v['value_start_mean']:.1f} against a "
+        f"real discounted return of {v['return_start_mean']:.1f} (gamma {v['gamma']:g}): "
+        f"{v['value_bias']:+.1f} ({by_end})"
+    )
+    if v["reward_predicted_mean"] is not None:
+        pred, real = v["reward_predicted_mean"], v["reward_real_mean"]
+        text += f"; reward head {pred:.3f} per step against {real:.3f} real ({pred - real:+.3f})"
+    limited = [n for n, e in zip(s["lengths"], s["end"]) if e == "time_limit"]
+    if limited:
+        text += (
+            f"; a time-limit episode's return stops at its limit (the rest weighs gamma^"
+            f"{max(limited)} = {v['gamma'] ** max(limited):.3f} or less)"
+        )
+    return text
 
 
 def summary(episodes: Episodes, target: float, task: str = "") -> dict[str, Any]:
@@ -128,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(seed)  # sampled latents and actions: the same command, the same figures
     try:
         greedy = (args.policy or cfg.log.eval_policy) == "mode"
-        episodes = play_episodes(run.agent, run.env, ObsUploader(run.device), greedy)
+        probe = ValueProbe(run.agent) if args.values else None
+        episodes = play_episodes(run.agent, run.env, ObsUploader(run.device), greedy, probe=probe)
     finally:
         run.env.close()
     target = args.target if args.target is not None else TASK_TARGETS.get(e.name, DEFAULT_TARGET)
@@ -140,6 +225,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{s['median']:.1f}, max {s['max']:.1f}); {s['at_target']}/{s['episodes']} >= "
         f"{target:g}; mean length {s['mean_length']:.1f}; {ends_text(s)}"
     )
+    if probe is not None:
+        ends = episode_ends(e.name, episodes.terminal, episodes.last_reward)
+        s["values"] = value_check(*probe.arrays(), cfg.train.gamma, ends)
+        print(values_text(s["values"], s))
     if args.json:
         from engine.checkpoint import atomic_write
 

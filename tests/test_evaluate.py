@@ -14,7 +14,7 @@ from engine.agent import Agent
 from engine.config import load_config
 from engine.envs import make_env
 from engine.episodes import Episodes, end_labels, episode_ends, play_episodes
-from engine.evaluate import ends_text, summary
+from engine.evaluate import ValueProbe, ends_text, summary, value_check, values_text
 from engine.rundir import RunError, load_run
 from engine.transfer import ObsUploader
 from tests.helpers import run_module, tiny_run
@@ -75,6 +75,65 @@ def test_play_episodes_counts_each_episode_once_and_records_env_0():
     # env 0's episode from its first observation to its last, one action each.
     assert seen[0][0] and seen[-1][1] and not any(last for _, last, _ in seen[:-1])
     assert len(seen) == lengths[0] + 1
+
+
+def test_value_probe_sees_every_step_of_each_episode_once():
+    """--values' probe: each env is playing for exactly its episode's steps, the rewards it sees
+    sum to the episode's return, and its values are the critic's at the policy's posterior."""
+    cfg = load_config("configs/tiny.toml")
+    env = make_env("CartPole-v1", cfg.env.backend, 3, 7, cfg.image_size, True)
+    torch.manual_seed(0)
+    agent = Agent(cfg, env.vector_dim, env.num_actions).eval()
+    probe, carries = ValueProbe(agent), []
+
+    def both(carry, playing, reward):
+        carries.append(carry)
+        probe(carry, playing, reward)
+
+    try:
+        episodes = play_episodes(agent, env, ObsUploader(torch.device("cpu")), True, probe=both)
+    finally:
+        env.close()
+    values, predicted, playing, rewards = probe.arrays()
+    assert values.shape == predicted.shape == playing.shape == rewards.shape
+    assert values.shape == (episodes.lengths.max(), 3)
+    np.testing.assert_array_equal(playing.sum(0), episodes.lengths)
+    np.testing.assert_allclose(rewards.sum(0), episodes.returns)
+    assert (rewards[~playing] == 0).all()
+    deter, stoch, _ = carries[-1]
+    with torch.no_grad():
+        feat = agent.wm.feat(deter, stoch)
+        expected = agent.behavior.value(agent.behavior.critic(feat).float())
+    np.testing.assert_allclose(values[-1], expected.numpy(), rtol=1e-6)
+
+
+def test_value_check_by_hand():
+    """Two episodes, gamma 0.5: env 0 plays 3 steps (rewards 1, 2, 4) and rests, env 1 plays 2
+    (rewards -1, 8) and is cut at a time limit; the figures by hand."""
+    playing = np.array([[1, 1], [1, 1], [1, 0]], dtype=bool)
+    rewards = np.array([[1.0, -1.0], [2.0, 8.0], [4.0, 0.0]])
+    values = np.array([[5.0, 1.0], [9.0, 9.0], [9.0, 9.0]])
+    predicted = np.array([[7.0, 7.0], [1.5, -2.0], [2.0, 9.0]])  # row 0 predicts nothing
+    ends = dict(
+        rest=np.array([True, False]),
+        crash=np.array([False, False]),
+        time_limit=np.array([False, True]),
+    )
+    v = value_check(values, predicted, playing, rewards, 0.5, ends)
+    # Returns from the first state: 1 + 0.5*2 + 0.25*4 = 3 and -1 + 0.5*8 = 3.
+    assert v["return_start"] == [3.0, 3.0] and v["value_start"] == [5.0, 1.0]
+    assert v["value_bias"] == 0.0 and v["value_bias_by_end"] == {"rest": 2.0, "time_limit": -2.0}
+    # Predictions of the rewards that led to observed states: env 0's steps 1 and 2 (of rewards
+    # 1 and 2), env 1's step 1 (of reward -1).
+    assert v["reward_predicted_mean"] == pytest.approx((1.5 + 2.0 - 2.0) / 3)
+    assert v["reward_real_mean"] == pytest.approx((1.0 + 2.0 - 1.0) / 3)
+    s = dict(rest=1, time_limit=1, lengths=[3, 2], end=["rest", "time_limit"])
+    assert values_text(v, s) == (
+        "values: the critic values the first state at 3.0 against a real discounted return of "
+        "3.0 (gamma 0.5): +0.0 (1 rest +2.0, 1 at the time limit -2.0); reward head 0.500 per "
+        "step against 0.667 real (-0.167); a time-limit episode's return stops at its limit "
+        "(the rest weighs gamma^2 = 0.250 or less)"
+    )
 
 
 @pytest.mark.parametrize("members", [1, 2])
@@ -355,6 +414,26 @@ def test_cli_splits_lunarlander_terminations_into_rest_and_crash(lunar_dir, tmp_
         and r["eval_terminated"] == r["eval_rest"] + r["eval_crash"]
         for r in evals
     )
+
+
+@pytest.mark.slow
+def test_cli_values_checks_the_critic_against_the_real_returns(lunar_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    done = cli(str(lunar_dir), "--episodes", "4", "--values", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.strip().splitlines()
+    record = json.loads(out.read_text())
+    v = record["values"]
+    assert first.endswith(
+        f"ends: 0 rest, 4 crash (mean return {record['mean']:.1f}), 0 at the time limit"
+    )
+    assert second.startswith(
+        f"values: the critic values the first state at {v['value_start_mean']:.1f}"
+    )
+    assert len(v["value_start"]) == len(v["return_start"]) == 4
+    assert v["gamma"] == load_config(lunar_dir / "config.toml").train.gamma
+    assert v["value_bias"] == pytest.approx(np.mean(v["value_start"]) - np.mean(v["return_start"]))
+    assert list(v["value_bias_by_end"]) == ["crash"] and "time limit" not in second
 
 
 @pytest.mark.slow
