@@ -112,8 +112,9 @@ def play_episodes(
     """One episode in each of `env`'s envs, in parallel.
 
     `probe(carry, playing, reward)` (optional) sees each step: the policy's carry after it
-    observed the step's observation (its posterior), which envs were still in their episode
-    (N,), and the reward of the step it acted on (N, 0 where not playing).
+    observed the step's observation (its posterior; with `rows` padding, the padded batch's
+    rows), which envs were still in their episode (N,), and the reward of the step it acted on
+    (N, 0 where not playing).
 
     `record(obs, action)` (optional) sees env 0's observation and the action chosen for it at each
     step until it returns False, then once more with the episode's last observation and action 0
