@@ -2,12 +2,13 @@
 
 `python -m engine.export RUN_DIR OUT_DIR [--checkpoint best|latest]`
 
-Writes OUT_DIR/config.toml (the run's resolved config) and OUT_DIR/checkpoints/best.pt with the
-agent's parameters and buffers, the step / env_steps / wall_time counters and the config: no
-optimizer moments, RNG state or replay, so the file is about a third of a training checkpoint.
-`python -m engine.evaluate OUT_DIR` and `python -m engine.dream OUT_DIR` read it as they read a
-run directory. The file holds only tensors and plain Python values, so
-`torch.load(path, weights_only=True)` reads it too. Errors print one line and exit with status 2.
+Writes OUT_DIR/config.toml (the run's resolved config) and OUT_DIR/agent.safetensors with the
+agent's parameters and buffers, and the step / env_steps / wall_time counters and the config as
+JSON in its metadata: no optimizer moments, RNG state or replay, so the file is about a third of a
+training checkpoint, and safetensors, so loading an agent someone hands on runs no pickle (any
+safetensors reader opens it). `python -m engine.evaluate OUT_DIR` and `python -m engine.dream
+OUT_DIR` read it as they read a run directory (and still read the earlier exports'
+checkpoints/best.pt). Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from engine.rundir import RunError, fail, read_checkpoint
+from engine.rundir import AGENT_FILE, RunError, fail, read_checkpoint, write_agent_file
 
 COUNTERS = ("step", "env_steps", "wall_time")
 
@@ -31,22 +32,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--checkpoint",
         choices=["best", "latest"],
-        help="which checkpoint (default best.pt, else latest.pt); written as best.pt",
+        help=f"which checkpoint (default best.pt, else latest.pt); written as {AGENT_FILE}",
     )
     return p.parse_args(argv)
 
 
 def payload(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """The exported checkpoint: the agent state (fresh tensors, so no storage shared with
-    anything else is written), the counters evaluation reports, and the config."""
-    import torch
-
+    """What is exported: the agent state, the counters evaluation reports, and the config."""
     agent = state["agent"]
     if not isinstance(agent, dict):
         raise RunError("the checkpoint's agent entry is not a state dict")
     counters = state.get("counters", {})
     return dict(
-        agent={k: v.detach().clone() if torch.is_tensor(v) else v for k, v in agent.items()},
+        agent=agent,
         counters={k: counters[k] for k in COUNTERS if k in counters},
         config=config,
     )
@@ -55,7 +53,6 @@ def payload(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
 def export(run_dir: Path, out_dir: Path, which: str | None) -> tuple[Path, int, int, Path]:
     """Writes the export; returns (exported file, its size in bytes, its step, source file).
     Raises RunError with a one-line message."""
-    from engine import checkpoint
     from engine.config import save_toml, to_dict
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -63,17 +60,18 @@ def export(run_dir: Path, out_dir: Path, which: str | None) -> tuple[Path, int, 
     if out_dir.is_dir() and run_dir.is_dir() and out_dir.resolve() == run_dir.resolve():
         raise RunError(f"{out_dir}: is the run directory itself; export to another folder")
     held = [out_dir / "checkpoints" / f"{n}.pt" for n in ("best", "latest")]
+    held = [out_dir / AGENT_FILE, *held]
     held = [p for p in held if p.exists()]
     if held:
-        raise RunError(f"{out_dir}: already holds a checkpoint ({held[0]})")
+        raise RunError(f"{out_dir}: already holds an agent ({held[0]})")
     path, state, cfg = read_checkpoint(run_dir, which)
     exported = payload(state, to_dict(cfg))
-    out = out_dir / "checkpoints" / "best.pt"
+    out = out_dir / AGENT_FILE
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # config.toml first: an export killed in between leaves no checkpoint, so it can be rerun.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # config.toml first: an export killed in between leaves no agent file, so it can be rerun.
         save_toml(cfg, out_dir / "config.toml")
-        size = checkpoint.save(out, exported)
+        size = write_agent_file(out, **exported)
     except OSError as err:
         raise RunError(f"{err.filename or out_dir}: {err.strerror or err}") from None
     return out, size, int(exported["counters"].get("step", 0)), path

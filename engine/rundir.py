@@ -35,12 +35,57 @@ class LoadedRun:
     seed: int  # their seed
 
 
+AGENT_FILE = "agent.safetensors"
+"""An exported agent's weights (engine.export): safetensors, so reading one runs no pickle."""
+AGENT_FORMAT = "dreamerv3-engine agent 1"
+
+
+def write_agent_file(path: Path, agent: dict[str, Any], counters: dict, config: dict) -> int:
+    """`agent`'s tensors as safetensors at `path` (atomically), the counters and the config as
+    JSON in its metadata; returns the file's size in bytes."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.checkpoint import atomic_write
+
+    odd = [k for k, v in agent.items() if not torch.is_tensor(v)]
+    if odd:
+        raise RunError(f"the agent state holds non-tensor entries ({', '.join(odd[:3])})")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in agent.items()}
+    meta = dict(format=AGENT_FORMAT, counters=json.dumps(counters), config=json.dumps(config))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path.stat().st_size
+
+
+def read_agent_file(path: Path) -> dict[str, Any]:
+    """An agent file back as a checkpoint-like dict: agent (tensors on the CPU), counters,
+    config. Raises RunError (one line) for a file that is not one."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != AGENT_FORMAT:
+                kind = meta.get("format")
+                raise RunError(f"{path}: not an agent file of this engine (format {kind!r})")
+            agent = {k: f.get_tensor(k) for k in f.keys()}
+        counters, config = json.loads(meta["counters"]), json.loads(meta["config"])
+        return dict(agent=agent, counters=counters, config=config)
+    except (SafetensorError, KeyError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunError(f"{path}: cannot read the agent file: {first}") from None
+
+
 def read_checkpoint(run_dir: Path, which: str | None) -> tuple[Path, dict[str, Any], Config]:
-    """`run_dir`'s checkpoint `which` ("best" or "latest"; default best.pt, else latest.pt): its
-    path, its contents (on the CPU) and the run's config (RUN_DIR/config.toml, else the one
-    saved in the checkpoint). Only the "agent" entry is required (and "counters" read if
-    present): an agent written by engine.export has no optimizer, RNG or replay state. Raises
-    RunError with a one-line message."""
+    """`run_dir`'s checkpoint `which` ("best" or "latest"; default best.pt, else latest.pt, else
+    an exported agent's agent.safetensors): its path, its contents (on the CPU) and the run's
+    config (RUN_DIR/config.toml, else the one saved in the checkpoint). Only the "agent" entry
+    is required (and "counters" read if present): an agent written by engine.export has no
+    optimizer, RNG or replay state. Raises RunError with a one-line message."""
     import torch
 
     from engine import checkpoint
@@ -51,12 +96,18 @@ def read_checkpoint(run_dir: Path, which: str | None) -> tuple[Path, dict[str, A
     ckpts = run_dir / "checkpoints"
     names = [which] if which else ["best", "latest"]
     found = [ckpts / f"{n}.pt" for n in names if (ckpts / f"{n}.pt").is_file()]
+    if not which and (run_dir / AGENT_FILE).is_file():
+        found.append(run_dir / AGENT_FILE)
     if not found:
-        raise RunError(f"{ckpts}: no {' or '.join(n + '.pt' for n in names)}")
+        also = "" if which else f", and no {AGENT_FILE}"
+        raise RunError(f"{ckpts}: no {' or '.join(n + '.pt' for n in names)}{also}")
     path = found[0]
     try:
         # On the CPU: load_state_dict copies onto the agent's device, whichever that is.
-        state = checkpoint.load(path, torch.device("cpu"))
+        if path.name == AGENT_FILE:
+            state = read_agent_file(path)
+        else:
+            state = checkpoint.load(path, torch.device("cpu"))
         if not isinstance(state, dict) or "agent" not in state:
             raise RunError(f"{path}: not a checkpoint of this engine (no agent state)")
         if (run_dir / "config.toml").is_file():
