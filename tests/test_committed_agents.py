@@ -1,7 +1,6 @@
-"""The agent folders under benchmarks/results/agents/: each holds its config and its 50-episode
-record; where an agent's weights are present (they stay out of git, `*.pt`: the machine that
-exported them, or a copy put into checkpoints/best.pt), `python -m engine.evaluate` on the folder
-plays the record again, return for return."""
+"""The agent folders under benchmarks/results/agents/: each is an engine.export folder (config,
+agent.safetensors) with its 50-episode record, and `python -m engine.evaluate` on the folder
+plays the record again, return for return, on any machine."""
 
 import json
 import subprocess
@@ -12,21 +11,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = ROOT / "benchmarks" / "results" / "agents"
-WITH_WEIGHTS = sorted(p.parent.parent for p in AGENTS.glob("*/checkpoints/best.pt"))
+DIRS = sorted(p for p in AGENTS.iterdir() if p.is_dir())
 
 
 def test_every_agent_dir_is_whole():
-    """Each agent has its config and its 50-episode record."""
-    dirs = sorted(p for p in AGENTS.iterdir() if p.is_dir())
-    assert dirs
-    for agent in dirs:
+    """Each agent has its config, its weights (small: weights only) and its 50-episode record,
+    made from those weights."""
+    assert DIRS
+    for agent in DIRS:
         assert (agent / "config.toml").is_file(), agent.name
+        weights = agent / "agent.safetensors"
+        assert weights.is_file() and weights.stat().st_size < 8_000_000, agent.name
         record = json.loads((agent / "eval_50.json").read_text())
         assert record["episodes"] == 50 and len(record["returns"]) == 50, agent.name
+        assert record["checkpoint"] == str(weights.relative_to(ROOT)), agent.name
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("agent", WITH_WEIGHTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("agent", DIRS, ids=lambda p: p.name)
 def test_committed_agent_replays_its_record(agent, tmp_path):
     """The record's 50 episodes from its seed again (evaluation is eager fp32; the episodes run
     in parallel, so a shorter evaluation would play different ones)."""
