@@ -97,13 +97,24 @@ def value_check(
     """--values' figures from ValueProbe's arrays (T, N): per episode the critic's value of its
     first state and its real discounted return from there (cut where the episode ended: a
     time-limit episode's tail, weight gamma^length, is not in it); their mean difference, also
-    per end kind (`ends`: episode_ends' masks); and the reward head's mean prediction against
-    the mean real reward over the steps it predicts (the reward that led to each observed
-    state; the last step's leads to no observed state)."""
-    discount = gamma ** np.arange(len(rewards))[:, None]
-    start_return = (discount * np.where(playing, rewards, 0.0)).sum(0)
-    start_value = values[0]
+    per end kind (`ends`: episode_ends' masks); the same over every state the policy acted from
+    (value against the discounted return to go, pooled over the states, so long episodes weigh
+    more; cut the same way, more so late in a time-limit episode); and the reward head's mean
+    prediction against the mean real reward over the steps it predicts (the reward that led to
+    each observed state; the last step's leads to no observed state)."""
+    real = np.where(playing, rewards, 0.0)
+    to_go, later = np.zeros_like(real), np.zeros(real.shape[1])
+    for t in range(len(real) - 1, -1, -1):
+        later = real[t] + gamma * later
+        to_go[t] = later
+    start_return, start_value = to_go[0], values[0]
     bias = start_value - start_return
+    gap = values - to_go
+
+    def pooled(x: np.ndarray, m: np.ndarray) -> float:  # over the states of episodes m
+        return float(x[playing & m].mean())
+
+    every = np.ones(len(bias), dtype=bool)
     seen = playing[1:]  # state t (t >= 1) was observed: its prediction is of reward t-1
     return dict(
         gamma=gamma,
@@ -113,6 +124,11 @@ def value_check(
         return_start_mean=float(start_return.mean()),
         value_bias=float(bias.mean()),
         value_bias_by_end={k: float(bias[m].mean()) for k, m in ends.items() if m.any()},
+        states=int(playing.sum()),
+        value_states_mean=pooled(values, every),
+        return_states_mean=pooled(to_go, every),
+        value_bias_states=pooled(gap, every),
+        value_bias_states_by_end={k: pooled(gap, m) for k, m in ends.items() if m.any()},
         reward_predicted_mean=float(predicted[1:][seen].mean()) if seen.any() else None,
         reward_real_mean=float(rewards[:-1][seen].mean()) if seen.any() else None,
     )
@@ -121,10 +137,14 @@ def value_check(
 def values_text(v: dict[str, Any], s: dict[str, Any]) -> str:
     """The --values line from value_check's figures and summary's (for the end counts)."""
     by_end = ", ".join(f"{s[k]} {END_TEXT[k]} {b:+.1f}" for k, b in v["value_bias_by_end"].items())
+    by_state = v["value_bias_states_by_end"].items()
+    by_state = ", ".join(f"{END_TEXT[k]} {b:+.1f}" for k, b in by_state)
     text = (
         f"values: the critic values the first state at {v['value_start_mean']:.1f} against a "
         f"real discounted return of {v['return_start_mean']:.1f} (gamma {v['gamma']:g}): "
-        f"{v['value_bias']:+.1f} ({by_end})"
+        f"{v['value_bias']:+.1f} ({by_end}); over the {v['states']} states it acted from, "
+        f"{v['value_states_mean']:.1f} against {v['return_states_mean']:.1f} to go: "
+        f"{v['value_bias_states']:+.1f} ({by_state})"
     )
     if v["reward_predicted_mean"] is not None:
         pred, real = v["reward_predicted_mean"], v["reward_real_mean"]

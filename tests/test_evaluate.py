@@ -123,6 +123,13 @@ def test_value_check_by_hand():
     # Returns from the first state: 1 + 0.5*2 + 0.25*4 = 3 and -1 + 0.5*8 = 3.
     assert v["return_start"] == [3.0, 3.0] and v["value_start"] == [5.0, 1.0]
     assert v["value_bias"] == 0.0 and v["value_bias_by_end"] == {"rest": 2.0, "time_limit": -2.0}
+    # Every state acted from, against its return to go: env 0's 3, 4, 4 (values 5, 9, 9), env
+    # 1's 3, 8 (values 1, 9; cut at the limit); pooled over the 5 states.
+    assert v["states"] == 5
+    assert v["value_states_mean"] == pytest.approx(33 / 5)
+    assert v["return_states_mean"] == pytest.approx(22 / 5)
+    assert v["value_bias_states"] == pytest.approx(11 / 5)
+    assert v["value_bias_states_by_end"] == pytest.approx({"rest": 4.0, "time_limit": -0.5})
     # Predictions of the rewards that led to observed states: env 0's steps 1 and 2 (of rewards
     # 1 and 2), env 1's step 1 (of reward -1).
     assert v["reward_predicted_mean"] == pytest.approx((1.5 + 2.0 - 2.0) / 3)
@@ -130,7 +137,9 @@ def test_value_check_by_hand():
     s = dict(rest=1, time_limit=1, lengths=[3, 2], end=["rest", "time_limit"])
     assert values_text(v, s) == (
         "values: the critic values the first state at 3.0 against a real discounted return of "
-        "3.0 (gamma 0.5): +0.0 (1 rest +2.0, 1 at the time limit -2.0); reward head 0.500 per "
+        "3.0 (gamma 0.5): +0.0 (1 rest +2.0, 1 at the time limit -2.0); over the 5 states it "
+        "acted from, 6.6 against 4.4 to go: +2.2 (rest +4.0, at the time limit -0.5); reward "
+        "head 0.500 per "
         "step against 0.667 real (-0.167); a time-limit episode's return stops at its limit "
         "(the rest weighs gamma^2 = 0.250 or less)"
     )
