@@ -46,7 +46,7 @@ def write_agent_file(path: Path, agent: dict[str, Any], counters: dict, config: 
     import json
 
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from engine.checkpoint import atomic_write
 
@@ -55,7 +55,8 @@ def write_agent_file(path: Path, agent: dict[str, Any], counters: dict, config: 
         raise RunError(f"the agent state holds non-tensor entries ({', '.join(odd[:3])})")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in agent.items()}
     meta = dict(format=AGENT_FORMAT, counters=json.dumps(counters), config=json.dumps(config))
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    # As bytes, then written like every other file (safetensors' own save_file makes it 0600).
+    atomic_write(path, lambda tmp: tmp.write_bytes(save(tensors, metadata=meta)))
     return path.stat().st_size
 
 
