@@ -12,10 +12,16 @@ uses) with the checkpoint's policy and prints the mean, spread and how many reac
 solved return, and how the episodes ended (engine.episodes.episode_ends). The run directory is
 read by engine.rundir, the episodes played by engine.episodes.play_episodes.
 
-`--values` also checks the critic and the reward head against what happened: the critic's value
+`--values` also checks the critic and the world model against what happened: the critic's value
 of each episode's first state against the episode's real discounted return (gamma of the run),
-and the reward head's prediction at each step against the real reward. A critic that values a
-policy far above what it earns is how a LunarLander run falls into hovering until the time limit.
+the reward head's prediction at each step against the real reward, and the world model's
+imagination: from every state the policy acted from, the horizon's imagined steps (the prior
+rolled forward with the same policy, as training imagines) and the discounted reward the reward
+head expects along them, against the real discounted reward of the episode's next steps. A
+critic that values a policy far above what it earns is how a LunarLander run falls into
+hovering until the time limit; an imagination that pays more than the real steps is what feeds
+that critic (the critic learns from imagined returns). `--policy sample` imagines and plays
+with the sampled policy, as training's imagination does.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--values",
         action="store_true",
         help="also compare the critic's value of each first state with the real discounted "
-        "return, and the reward head's predictions with the real rewards",
+        "return, the reward head's predictions with the real rewards, and the rewards imagined "
+        "over the horizon from each state with the real next steps'",
     )
     return p.parse_args(argv)
 
@@ -68,10 +75,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class ValueProbe:
     """play_episodes' probe for --values: at each step the critic's value of the state the
     policy acted from and the reward head's prediction there (of the reward that led to it),
-    beside the real reward of the step and which envs were playing. Arrays (T, N) by `arrays`."""
+    beside the real reward of the step and which envs were playing; and from that state
+    `horizon` imagined steps (the prior rolled forward, acting with the same policy, `greedy`
+    or sampled) with the discounted reward the reward head expects along them, each imagined
+    reward weighted as in training's lambda-return: gamma^k times the imagined probability
+    that the episode is still running. Arrays (T, N) by `arrays`.
 
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
+    The imagination draws from its own random stream (seeded `seed` + step), so the episodes
+    played are those of the same command without the probe."""
+
+    def __init__(
+        self, agent: Any, gamma: float, horizon: int, greedy: bool = False, seed: int = 0
+    ) -> None:
+        self.agent, self.gamma, self.horizon, self.greedy, self.seed = (
+            agent,
+            gamma,
+            horizon,
+            greedy,
+            seed,
+        )
         self.steps: list[tuple[np.ndarray, ...]] = []
 
     def __call__(self, carry: Any, playing: np.ndarray, reward: np.ndarray) -> None:
@@ -79,10 +101,34 @@ class ValueProbe:
         feat = wm.feat(carry[0], carry[1])
         value = behavior.value(behavior.critic(feat).float())
         predicted = wm.reward(feat)
-        self.steps.append((value.cpu().numpy(), predicted.cpu().numpy(), playing, reward))
+        dreamed = self.imagine(carry[0], carry[1])
+        self.steps.append(
+            (value.cpu().numpy(), predicted.cpu().numpy(), playing, reward, dreamed.cpu().numpy())
+        )
+
+    def imagine(self, deter: Any, stoch: Any) -> Any:
+        """(N,) discounted reward over `horizon` imagined steps from each state."""
+        import torch
+
+        from engine import dists
+
+        wm, behavior = self.agent.wm, self.agent.behavior
+        devices = [deter.device] if deter.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + len(self.steps))
+            total = torch.zeros(deter.shape[0], device=deter.device)
+            weight = torch.ones_like(total)
+            for _ in range(self.horizon):
+                action = behavior.act(wm.feat(deter, stoch), self.greedy)
+                onehot = dists.onehot(action, behavior.num_actions, deter.dtype)
+                deter, stoch = wm.img_step(deter, stoch, onehot)
+                feat = wm.feat(deter, stoch)
+                total += weight * wm.reward(feat)
+                weight = weight * self.gamma * wm.cont_prob(feat)
+        return total
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        """(values, predicted rewards, playing, rewards), each (T, N)."""
+        """(values, predicted rewards, playing, rewards, imagined discounted rewards), (T, N)."""
         return tuple(np.stack(x) for x in zip(*self.steps))
 
 
@@ -93,6 +139,8 @@ def value_check(
     rewards: np.ndarray,
     gamma: float,
     ends: dict[str, np.ndarray],
+    dreamed: np.ndarray | None = None,
+    horizon: int = 0,
 ) -> dict[str, Any]:
     """--values' figures from ValueProbe's arrays (T, N): per episode the critic's value of its
     first state and its real discounted return from there (cut where the episode ended: a
@@ -101,7 +149,13 @@ def value_check(
     (value against the discounted return to go, pooled over the states, so long episodes weigh
     more; cut the same way, more so late in a time-limit episode); and the reward head's mean
     prediction against the mean real reward over the steps it predicts (the reward that led to
-    each observed state; the last step's leads to no observed state)."""
+    each observed state; the last step's leads to no observed state).
+
+    With `dreamed` (ValueProbe's imagined discounted rewards over `horizon` steps from each
+    state): their mean against the real discounted reward of the episode's next `horizon` steps
+    (0 after its end), pooled over the states whose window the episode ran through or ended in
+    (a time-limit episode's last `horizon` - 1 states are left out: their real window is cut),
+    and the difference per end kind."""
     real = np.where(playing, rewards, 0.0)
     to_go, later = np.zeros_like(real), np.zeros(real.shape[1])
     for t in range(len(real) - 1, -1, -1):
@@ -116,7 +170,7 @@ def value_check(
 
     every = np.ones(len(bias), dtype=bool)
     seen = playing[1:]  # state t (t >= 1) was observed: its prediction is of reward t-1
-    return dict(
+    out = dict(
         gamma=gamma,
         value_start=[float(v) for v in start_value],
         return_start=[float(g) for g in start_return],
@@ -131,6 +185,44 @@ def value_check(
         value_bias_states_by_end={k: pooled(gap, m) for k, m in ends.items() if m.any()},
         reward_predicted_mean=float(predicted[1:][seen].mean()) if seen.any() else None,
         reward_real_mean=float(rewards[:-1][seen].mean()) if seen.any() else None,
+    )
+    if dreamed is not None:
+        out.update(dream_check(dreamed, real, playing, gamma, horizon, ends))
+    return out
+
+
+def dream_check(
+    dreamed: np.ndarray,
+    real: np.ndarray,
+    playing: np.ndarray,
+    gamma: float,
+    horizon: int,
+    ends: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """value_check's imagination figures (see there); real: the rewards, 0 where not playing."""
+    steps = len(real)
+    window = np.zeros_like(real)
+    for k in range(horizon):
+        window[: steps - k] += gamma**k * real[k:]
+    lengths = playing.sum(0)
+    cut = ends.get("time_limit", np.zeros(real.shape[1], dtype=bool))
+    t = np.arange(steps)[:, None]
+    ok = playing & ((t + horizon <= lengths[None]) | ~cut[None])
+    gap = dreamed - window
+
+    def pooled(x: np.ndarray, m: np.ndarray) -> float:
+        return float(x[ok & m].mean())
+
+    every = np.ones(real.shape[1], dtype=bool)
+    if not ok.any():
+        return dict(dream_horizon=horizon, dream_states=0)
+    return dict(
+        dream_horizon=horizon,
+        dream_states=int(ok.sum()),
+        dream_reward_mean=pooled(dreamed, every),
+        dream_real_mean=pooled(window, every),
+        dream_gap=pooled(gap, every),
+        dream_gap_by_end={k: pooled(gap, m) for k, m in ends.items() if (ok & m).any()},
     )
 
 
@@ -149,6 +241,13 @@ def values_text(v: dict[str, Any], s: dict[str, Any]) -> str:
     if v["reward_predicted_mean"] is not None:
         pred, real = v["reward_predicted_mean"], v["reward_real_mean"]
         text += f"; reward head {pred:.3f} per step against {real:.3f} real ({pred - real:+.3f})"
+    if v.get("dream_states"):
+        by_end = ", ".join(f"{END_TEXT[k]} {b:+.2f}" for k, b in v["dream_gap_by_end"].items())
+        text += (
+            f"; imagined {v['dream_horizon']} steps ahead from {v['dream_states']} states, the "
+            f"reward head expects {v['dream_reward_mean']:.2f} (discounted) against "
+            f"{v['dream_real_mean']:.2f} real: {v['dream_gap']:+.2f} ({by_end})"
+        )
     limited = [n for n, e in zip(s["lengths"], s["end"]) if e == "time_limit"]
     if limited:
         text += (
@@ -232,7 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(seed)  # sampled latents and actions: the same command, the same figures
     try:
         greedy = (args.policy or cfg.log.eval_policy) == "mode"
-        probe = ValueProbe(run.agent) if args.values else None
+        probe = None
+        if args.values:
+            horizon = cfg.train.num_dream_steps
+            probe = ValueProbe(run.agent, cfg.train.gamma, horizon, greedy, seed)
         episodes = play_episodes(run.agent, run.env, ObsUploader(run.device), greedy, probe=probe)
     finally:
         run.env.close()
@@ -247,7 +349,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if probe is not None:
         ends = episode_ends(e.name, episodes.terminal, episodes.last_reward)
-        s["values"] = value_check(*probe.arrays(), cfg.train.gamma, ends)
+        values, predicted, playing, rewards, dreamed = probe.arrays()
+        s["values"] = value_check(
+            values, predicted, playing, rewards, cfg.train.gamma, ends, dreamed, horizon
+        )
         print(values_text(s["values"], s))
     if args.json:
         from engine.checkpoint import atomic_write

@@ -77,25 +77,35 @@ def test_play_episodes_counts_each_episode_once_and_records_env_0():
     assert len(seen) == lengths[0] + 1
 
 
-def test_value_probe_sees_every_step_of_each_episode_once():
+@pytest.mark.parametrize("greedy", [True, False])
+def test_value_probe_sees_every_step_of_each_episode_once(greedy):
     """--values' probe: each env is playing for exactly its episode's steps, the rewards it sees
-    sum to the episode's return, and its values are the critic's at the policy's posterior."""
+    sum to the episode's return, and its values are the critic's at the policy's posterior. Its
+    imagination draws from its own random stream: the episodes are those played without it."""
     cfg = load_config("configs/tiny.toml")
-    env = make_env("CartPole-v1", cfg.env.backend, 3, 7, cfg.image_size, True)
     torch.manual_seed(0)
-    agent = Agent(cfg, env.vector_dim, env.num_actions).eval()
-    probe, carries = ValueProbe(agent), []
+    agent = Agent(cfg, 4, 2).eval()
+
+    def play(probe):
+        env = make_env("CartPole-v1", cfg.env.backend, 3, 7, cfg.image_size, True)
+        torch.manual_seed(1)
+        try:
+            return play_episodes(agent, env, ObsUploader(torch.device("cpu")), greedy, probe=probe)
+        finally:
+            env.close()
+
+    probe, carries = ValueProbe(agent, 0.9, 3, greedy, seed=5), []
 
     def both(carry, playing, reward):
         carries.append(carry)
         probe(carry, playing, reward)
 
-    try:
-        episodes = play_episodes(agent, env, ObsUploader(torch.device("cpu")), True, probe=both)
-    finally:
-        env.close()
-    values, predicted, playing, rewards = probe.arrays()
-    assert values.shape == predicted.shape == playing.shape == rewards.shape
+    episodes = play(both)
+    alone = play(None)
+    np.testing.assert_array_equal(episodes.returns, alone.returns)
+    np.testing.assert_array_equal(episodes.lengths, alone.lengths)
+    values, predicted, playing, rewards, dreamed = probe.arrays()
+    assert values.shape == predicted.shape == playing.shape == rewards.shape == dreamed.shape
     assert values.shape == (episodes.lengths.max(), 3)
     np.testing.assert_array_equal(playing.sum(0), episodes.lengths)
     np.testing.assert_allclose(rewards.sum(0), episodes.returns)
@@ -104,7 +114,44 @@ def test_value_probe_sees_every_step_of_each_episode_once():
     with torch.no_grad():
         feat = agent.wm.feat(deter, stoch)
         expected = agent.behavior.value(agent.behavior.critic(feat).float())
+        again = probe.imagine(deter, stoch)  # the next step's stream: a different draw
     np.testing.assert_allclose(values[-1], expected.numpy(), rtol=1e-6)
+    assert np.isfinite(dreamed).all() and np.isfinite(again.numpy()).all()
+
+
+class _StubWorld:
+    """A world model whose imagined step adds 1 to the state, whose reward head reads the state
+    and whose episode continues with probability 0.5 at every step."""
+
+    feat = staticmethod(lambda deter, stoch: deter)
+
+    def img_step(self, deter, stoch, action):
+        assert action.shape == (deter.shape[0], 2) and (action.sum(-1) == 1).all()
+        return deter + 1, stoch
+
+    def reward(self, feat):
+        return feat[:, 0]
+
+    def cont_prob(self, feat):
+        return torch.full_like(feat[:, 0], 0.5)
+
+
+class _StubBehavior:
+    num_actions = 2
+
+    def act(self, feat, greedy):
+        return torch.zeros(feat.shape[0], dtype=torch.long)
+
+
+def test_value_probe_imagination_by_hand():
+    """Imagined rewards weigh as in training's lambda-return: gamma^k times the probability the
+    episode still runs. From states 0 and 10, rewards 1, 2, 3 and 11, 12, 13; gamma 0.9."""
+    agent = type("Stub", (), dict(wm=_StubWorld(), behavior=_StubBehavior()))()
+    probe = ValueProbe(agent, 0.9, 3)
+    deter = torch.tensor([[0.0], [10.0]])
+    w = [1.0, 0.45, 0.45**2]
+    expected = [sum(wk * r for wk, r in zip(w, rs)) for rs in ([1, 2, 3], [11, 12, 13])]
+    np.testing.assert_allclose(probe.imagine(deter, deter).numpy(), expected, rtol=1e-6)
 
 
 def test_value_check_by_hand():
@@ -119,7 +166,10 @@ def test_value_check_by_hand():
         crash=np.array([False, False]),
         time_limit=np.array([False, True]),
     )
-    v = value_check(values, predicted, playing, rewards, 0.5, ends)
+    # Imagined 2 steps ahead; env 1's last state is left out (its real window is cut by the
+    # limit), whatever it imagines.
+    dreamed = np.array([[3.0, 5.0], [4.0, 100.0], [6.0, 0.0]])
+    v = value_check(values, predicted, playing, rewards, 0.5, ends, dreamed, 2)
     # Returns from the first state: 1 + 0.5*2 + 0.25*4 = 3 and -1 + 0.5*8 = 3.
     assert v["return_start"] == [3.0, 3.0] and v["value_start"] == [5.0, 1.0]
     assert v["value_bias"] == 0.0 and v["value_bias_by_end"] == {"rest": 2.0, "time_limit": -2.0}
@@ -134,14 +184,22 @@ def test_value_check_by_hand():
     # 1 and 2), env 1's step 1 (of reward -1).
     assert v["reward_predicted_mean"] == pytest.approx((1.5 + 2.0 - 2.0) / 3)
     assert v["reward_real_mean"] == pytest.approx((1.0 + 2.0 - 1.0) / 3)
+    # Real windows of 2 steps: env 0's 1 + 0.5*2, 2 + 0.5*4, 4 (it rested), env 1's -1 + 0.5*8.
+    assert v["dream_horizon"] == 2 and v["dream_states"] == 4
+    assert v["dream_reward_mean"] == pytest.approx((3 + 4 + 6 + 5) / 4)
+    assert v["dream_real_mean"] == pytest.approx((2 + 4 + 4 + 3) / 4)
+    assert v["dream_gap"] == pytest.approx(1.25)
+    assert v["dream_gap_by_end"] == pytest.approx({"rest": 1.0, "time_limit": 2.0})
     s = dict(rest=1, time_limit=1, lengths=[3, 2], end=["rest", "time_limit"])
     assert values_text(v, s) == (
         "values: the critic values the first state at 3.0 against a real discounted return of "
         "3.0 (gamma 0.5): +0.0 (1 rest +2.0, 1 at the time limit -2.0); over the 5 states it "
         "acted from, 6.6 against 4.4 to go: +2.2 (rest +4.0, at the time limit -0.5); reward "
         "head 0.500 per "
-        "step against 0.667 real (-0.167); a time-limit episode's return stops at its limit "
-        "(the rest weighs gamma^2 = 0.250 or less)"
+        "step against 0.667 real (-0.167); imagined 2 steps ahead from 4 states, the reward "
+        "head expects 4.50 (discounted) against 3.25 real: +1.25 (rest +1.00, at the time limit "
+        "+2.00); a time-limit episode's return stops at its limit (the rest weighs gamma^2 = "
+        "0.250 or less)"
     )
 
 
@@ -443,6 +501,10 @@ def test_cli_values_checks_the_critic_against_the_real_returns(lunar_dir, tmp_pa
     assert v["gamma"] == load_config(lunar_dir / "config.toml").train.gamma
     assert v["value_bias"] == pytest.approx(np.mean(v["value_start"]) - np.mean(v["return_start"]))
     assert list(v["value_bias_by_end"]) == ["crash"] and "time limit" not in second
+    horizon = load_config(lunar_dir / "config.toml").train.num_dream_steps
+    assert v["dream_horizon"] == horizon and 0 < v["dream_states"] <= v["states"]
+    assert v["dream_gap"] == pytest.approx(v["dream_reward_mean"] - v["dream_real_mean"])
+    assert f"imagined {horizon} steps ahead from {v['dream_states']} states" in second
 
 
 @pytest.mark.slow
