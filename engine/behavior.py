@@ -124,6 +124,7 @@ class Behavior(nn.Module):
         # Whether the replayed-value loss is computed at all: a branch on the config, not on a
         # (possibly per-member) tensor. A population computes it when any member uses it.
         self.use_repval = t.repval_scale != 0
+        self.repval_boot = t.repval_boot
         self.actor = MLP(feat, units, layers, num_actions, outscale=0.01, init=m.init)
         self.critic = MLP(feat, units, layers, m.num_bins, outscale=0.0, init=m.init)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
@@ -217,7 +218,8 @@ class Behavior(nn.Module):
         critic_loss = (weight * critic_ce).mean()
         metrics = {}
         if self.use_repval:
-            repval = self.repval_loss(critic_logits[0], slow_value[0], ret[0], replay)
+            boot = ret[0] if self.repval_boot == "imagined" else slow_value[0]
+            repval = self.repval_loss(critic_logits[0], slow_value[0], boot, replay)
             metrics["repval_loss"] = repval.detach()
             critic_loss = critic_loss + self.repval_scale * repval
         metrics.update(
@@ -237,8 +239,9 @@ class Behavior(nn.Module):
         self, logits: Tensor, slow_value: Tensor, boot: Tensor, replay: dict[str, Tensor]
     ) -> Tensor:
         """The critic on the replayed states (logits (N, bins), N = B x T) regressed on the
-        replayed trajectories' lambda-returns, bootstrapped with the imagined returns `boot`
-        (N,), plus the slow-critic regulariser; steps that end an episode have no target."""
+        replayed trajectories' lambda-returns, bootstrapped with `boot` (N,): the imagined
+        returns from each replayed state or the slow critic's values (train.repval_boot), plus
+        the slow-critic regulariser; steps that end an episode have no target."""
         B, T = replay["reward"].shape
         with torch.no_grad():
             target = replay_lambda_returns(

@@ -249,6 +249,13 @@ class TrainConfig:
     """Weight of the replayed-value loss (official 0.3): the critic also regresses the
     lambda-returns of the replayed trajectories (real rewards and episode ends, bootstrapped
     with the imagined returns from each replayed state); 0 disables."""
+    repval_boot: str = "imagined"
+    """imagined | critic: what the replayed lambda-returns bootstrap with at each replayed
+    state. imagined (official): the imagined lambda-return from there, so whatever the
+    imagination overpays (LunarLander's hover trap: a lander rocking on its legs imagines more
+    touch-downs than happen) reaches the replayed targets too; critic: the slow critic's value
+    of the state, so the replayed targets add only real rewards and episode ends to the
+    critic's own estimate, and repval_scale anchors the critic to what happened."""
     replay_context: bool = True
     """Store each step's posterior (deter, stoch) in the replay and start every sampled sequence
     from the stored state before it, instead of from zeros (official replay_context = 1). The
@@ -740,6 +747,12 @@ def validate(cfg: Config, src: str = "config") -> None:
         "train.retnorm_init",
         "must be first|zero",
         t.retnorm_init,
+    )
+    need(
+        t.repval_boot in ("imagined", "critic"),
+        "train.repval_boot",
+        "must be imagined|critic",
+        t.repval_boot,
     )
     need(t.train_ratio > 0, "train.train_ratio", "must be > 0", t.train_ratio)
     for key in ("slow_critic_rate", "retnorm_rate"):

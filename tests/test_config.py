@@ -71,6 +71,7 @@ def write(tmp_path, name, text):
         ("l.toml", "[env]\nprocesses = true\n", ["env.processes", "gymnasium"]),
         ("m.toml", "[train]\nstop_confirm_episodes = -5\n", ["stop_confirm_episodes", ">= 0"]),
         ("n.toml", "[train]\nstop_confirm_episodes = 50\n", ["stop_solved_evals > 0"]),
+        ("o.toml", "[train]\nrepval_boot = 'value'\n", ["train.repval_boot", "imagined|critic"]),
     ],
 )
 def test_bad_configs_name_the_file_and_key(tmp_path, name, text, words):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from engine import dists, fast
 from engine.agent import Agent
-from engine.behavior import ReturnNorm, replay_lambda_returns
+from engine.behavior import ReturnNorm, lambda_returns, replay_lambda_returns
 from engine.config import load_config
 from engine.nets import BlockLinear, Linear
 from engine.replay import Replay, transition_spec
@@ -172,6 +172,44 @@ def test_repval_loss_regresses_the_critic_on_the_replayed_returns():
     ).sum(-1)
     weight = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]])  # row 1 of sequence 0 ends it
     torch.testing.assert_close(loss, (weight * ce).mean())
+
+
+@pytest.mark.parametrize("boot", ["imagined", "critic"])
+def test_repval_boot_picks_what_the_replayed_returns_bootstrap_with(monkeypatch, boot):
+    """train.repval_boot: the replayed lambda-returns bootstrap with the imagined return from
+    each replayed state (official) or the slow critic's value of it; the rest is unchanged."""
+    cfg = load_config("configs/tiny.toml", ["train.repval_scale=0.3", f"train.repval_boot={boot}"])
+    torch.manual_seed(0)
+    agent = Agent(cfg, vector_dim=4, num_actions=2)
+    beh, wm = agent.behavior, agent.wm
+    with torch.no_grad():  # a slow critic apart from the critic: the two boots differ
+        for p in beh.slow_critic.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    H, N = beh.horizon, 6
+    feats = torch.randn(H + 1, N, cfg.deter + cfg.stoch)
+    actions = torch.eye(2)[torch.randint(0, 2, (H, N))]
+    replay = {
+        "reward": torch.randn(2, 3),
+        "is_last": torch.zeros(2, 3, dtype=torch.bool),
+        "is_terminal": torch.zeros(2, 3, dtype=torch.bool),
+    }
+    seen = {}
+
+    def spy(logits, slow_value, boot_values, replay):
+        seen.update(slow=slow_value, boot=boot_values)
+        return logits.sum() * 0
+
+    monkeypatch.setattr(beh, "repval_loss", spy)
+    beh.losses(wm, feats, actions, replay, 0.0)
+    with torch.no_grad():
+        slow = beh.value(beh.slow_critic(feats[0]).float())
+        value = beh.value(beh.critic(feats).float())
+        cont = torch.cat([torch.ones(1, N), wm.cont_prob(feats)[1:]])
+        ret = lambda_returns(wm.reward(feats), cont, value, beh.gamma, beh.lam)
+    torch.testing.assert_close(seen["slow"], slow, rtol=1e-5, atol=1e-4)
+    expected = ret[0] if boot == "imagined" else slow
+    torch.testing.assert_close(seen["boot"], expected, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(ret[0], slow)
 
 
 def test_repval_scale_adds_the_replayed_value_loss_to_the_critic():
