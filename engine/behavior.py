@@ -148,15 +148,18 @@ class Behavior(nn.Module):
         return dists.sample_index(logp.exp())
 
     @torch.no_grad()
-    def imagine(self, wm, deter: Tensor, stoch: Tensor) -> tuple[Tensor, Tensor]:
-        """Roll the prior forward `horizon` steps from every start, acting with the actor.
+    def imagine(
+        self, wm, deter: Tensor, stoch: Tensor, greedy: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Roll the prior forward `horizon` steps from every start, acting with the actor
+        (sampled actions, as training imagines; the mode with `greedy`, for evaluate --values).
 
         No gradient flows through the rollout: for discrete actions the actor learns by REINFORCE
         and the critic regresses targets, so the world model is not trained through it.
         Returns feats (H+1, N, F) and one-hot actions (H, N, A), action[t] taken in state t."""
         feats, actions = [wm.feat(deter, stoch)], []
         for _ in range(self.horizon):
-            action = dists.onehot(self.act(feats[-1]), self.num_actions, deter.dtype)
+            action = dists.onehot(self.act(feats[-1], greedy), self.num_actions, deter.dtype)
             deter, stoch = wm.img_step(deter, stoch, action)
             feats.append(wm.feat(deter, stoch))
             actions.append(action)

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also compare the critic's value of each first state with the real discounted "
         "return, the reward head's predictions with the real rewards, and the rewards imagined "
-        "over the horizon from each state with the real next steps'",
+        "over the horizon from each state with the real next steps",
     )
     return p.parse_args(argv)
 
@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class ValueProbe:
     """play_episodes' probe for --values: at each step the critic's value of the state the
     policy acted from and the reward head's prediction there (of the reward that led to it),
-    beside the real reward of the step and which envs were playing; and from that state
-    `horizon` imagined steps (the prior rolled forward, acting with the same policy, `greedy`
+    beside the real reward of the step and which envs were playing; and from that state the
+    training horizon of imagined steps (Behavior.imagine, acting with the same policy, `greedy`
     or sampled) with the discounted reward the reward head expects along them, each imagined
     reward weighted as in training's lambda-return: gamma^k times the imagined probability
     that the episode is still running. Arrays (T, N) by `arrays`.
@@ -84,16 +84,11 @@ class ValueProbe:
     The imagination draws from its own random stream (seeded `seed` + step), so the episodes
     played are those of the same command without the probe."""
 
-    def __init__(
-        self, agent: Any, gamma: float, horizon: int, greedy: bool = False, seed: int = 0
-    ) -> None:
-        self.agent, self.gamma, self.horizon, self.greedy, self.seed = (
-            agent,
-            gamma,
-            horizon,
-            greedy,
-            seed,
-        )
+    def __init__(self, agent: Any, gamma: float, greedy: bool = False, seed: int = 0) -> None:
+        self.agent = agent
+        self.gamma = gamma
+        self.greedy = greedy
+        self.seed = seed
         self.steps: list[tuple[np.ndarray, ...]] = []
 
     def __call__(self, carry: Any, playing: np.ndarray, reward: np.ndarray) -> None:
@@ -107,25 +102,18 @@ class ValueProbe:
         )
 
     def imagine(self, deter: Any, stoch: Any) -> Any:
-        """(N,) discounted reward over `horizon` imagined steps from each state."""
+        """(N,) discounted reward over the horizon's imagined steps from each state."""
         import torch
 
-        from engine import dists
-
-        wm, behavior = self.agent.wm, self.agent.behavior
+        wm = self.agent.wm
         devices = [deter.device] if deter.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed + len(self.steps))
-            total = torch.zeros(deter.shape[0], device=deter.device)
-            weight = torch.ones_like(total)
-            for _ in range(self.horizon):
-                action = behavior.act(wm.feat(deter, stoch), self.greedy)
-                onehot = dists.onehot(action, behavior.num_actions, deter.dtype)
-                deter, stoch = wm.img_step(deter, stoch, onehot)
-                feat = wm.feat(deter, stoch)
-                total += weight * wm.reward(feat)
-                weight = weight * self.gamma * wm.cont_prob(feat)
-        return total
+            feats, _ = self.agent.behavior.imagine(wm, deter, stoch, self.greedy)
+            reward, cont = wm.reward(feats[1:]), wm.cont_prob(feats[1:])  # (H, N)
+        # Reward k counts by gamma^k times the probability the episode ran through steps < k.
+        live = torch.cat([torch.ones_like(cont[:1]), self.gamma * cont[:-1]])
+        return (torch.cumprod(live, 0) * reward).sum(0)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         """(values, predicted rewards, playing, rewards, imagined discounted rewards), (T, N)."""
@@ -204,18 +192,17 @@ def dream_check(
     window = np.zeros_like(real)
     for k in range(horizon):
         window[: steps - k] += gamma**k * real[k:]
-    lengths = playing.sum(0)
     cut = ends.get("time_limit", np.zeros(real.shape[1], dtype=bool))
     t = np.arange(steps)[:, None]
-    ok = playing & ((t + horizon <= lengths[None]) | ~cut[None])
+    ok = playing & ((t + horizon <= playing.sum(0)) | ~cut)
+    if not ok.any():
+        return dict(dream_horizon=horizon, dream_states=0)
     gap = dreamed - window
 
     def pooled(x: np.ndarray, m: np.ndarray) -> float:
         return float(x[ok & m].mean())
 
     every = np.ones(real.shape[1], dtype=bool)
-    if not ok.any():
-        return dict(dream_horizon=horizon, dream_states=0)
     return dict(
         dream_horizon=horizon,
         dream_states=int(ok.sum()),
@@ -333,8 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         greedy = (args.policy or cfg.log.eval_policy) == "mode"
         probe = None
         if args.values:
-            horizon = cfg.train.num_dream_steps
-            probe = ValueProbe(run.agent, cfg.train.gamma, horizon, greedy, seed)
+            probe = ValueProbe(run.agent, cfg.train.gamma, greedy, seed)
         episodes = play_episodes(run.agent, run.env, ObsUploader(run.device), greedy, probe=probe)
     finally:
         run.env.close()
@@ -351,7 +337,14 @@ def main(argv: list[str] | None = None) -> None:
         ends = episode_ends(e.name, episodes.terminal, episodes.last_reward)
         values, predicted, playing, rewards, dreamed = probe.arrays()
         s["values"] = value_check(
-            values, predicted, playing, rewards, cfg.train.gamma, ends, dreamed, horizon
+            values,
+            predicted,
+            playing,
+            rewards,
+            cfg.train.gamma,
+            ends,
+            dreamed,
+            run.agent.behavior.horizon,
         )
         print(values_text(s["values"], s))
     if args.json:

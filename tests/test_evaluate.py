@@ -11,6 +11,7 @@ import torch
 
 from engine import evaluate
 from engine.agent import Agent
+from engine.behavior import Behavior
 from engine.config import load_config
 from engine.envs import make_env
 from engine.episodes import Episodes, end_labels, episode_ends, play_episodes
@@ -94,7 +95,7 @@ def test_value_probe_sees_every_step_of_each_episode_once(greedy):
         finally:
             env.close()
 
-    probe, carries = ValueProbe(agent, 0.9, 3, greedy, seed=5), []
+    probe, carries = ValueProbe(agent, 0.9, greedy, seed=5), []
 
     def both(carry, playing, reward):
         carries.append(carry)
@@ -130,14 +131,15 @@ class _StubWorld:
         return deter + 1, stoch
 
     def reward(self, feat):
-        return feat[:, 0]
+        return feat[..., 0]
 
     def cont_prob(self, feat):
-        return torch.full_like(feat[:, 0], 0.5)
+        return torch.full_like(feat[..., 0], 0.5)
 
 
 class _StubBehavior:
-    num_actions = 2
+    num_actions, horizon = 2, 3
+    imagine = Behavior.imagine  # the real rollout over the stub world
 
     def act(self, feat, greedy):
         return torch.zeros(feat.shape[0], dtype=torch.long)
@@ -147,7 +149,7 @@ def test_value_probe_imagination_by_hand():
     """Imagined rewards weigh as in training's lambda-return: gamma^k times the probability the
     episode still runs. From states 0 and 10, rewards 1, 2, 3 and 11, 12, 13; gamma 0.9."""
     agent = type("Stub", (), dict(wm=_StubWorld(), behavior=_StubBehavior()))()
-    probe = ValueProbe(agent, 0.9, 3)
+    probe = ValueProbe(agent, 0.9)
     deter = torch.tensor([[0.0], [10.0]])
     w = [1.0, 0.45, 0.45**2]
     expected = [sum(wk * r for wk, r in zip(w, rs)) for rs in ([1, 2, 3], [11, 12, 13])]
