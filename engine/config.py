@@ -256,17 +256,6 @@ class TrainConfig:
     touch-downs than happen) reaches the replayed targets too; critic: the slow critic's value
     of the state, so the replayed targets add only real rewards and episode ends to the
     critic's own estimate, and repval_scale anchors the critic to what happened."""
-    reward_prior_steps: int = 0
-    """Train the reward head also on the prior's states (ours, not official; 0 = off, as
-    official): from each replayed posterior, the prior rolled 1..N steps open loop with the
-    actions taken, regressing the reward that followed (reward_prior_scale weighs it). The
-    imagination reads every reward from prior states, and a head trained only on posteriors
-    is biased there: LunarLander's hover trap (README) is a head that under-charges engine
-    firing and lift-offs in imagination. N < sequence_length; logs
-    reward_prior_loss and reward_prior_bias (imagined minus real reward per step)."""
-    reward_prior_scale: float = 1.0
-    """Weight of the prior-state reward term relative to the posterior's reward term (each
-    depth weighs as the posterior term; their mean is taken)."""
     replay_context: bool = True
     """Store each step's posterior (deter, stoch) in the replay and start every sampled sequence
     from the stored state before it, instead of from zeros (official replay_context = 1). The
@@ -349,7 +338,6 @@ MEMBER_KEYS = (
     "train.vector_scale",
     "train.reward_scale",
     "train.cont_scale",
-    "train.reward_prior_scale",
     "train.repval_scale",
     "train.slow_critic_rate",
     "train.slow_critic_reg",
@@ -717,7 +705,6 @@ def validate(cfg: Config, src: str = "config") -> None:
         "early_stop_min_delta",
         "agc",
         "repval_scale",
-        "reward_prior_scale",
     ):
         v = getattr(t, key)
         need(math.isfinite(v) and v >= 0, f"train.{key}", "must be finite and >= 0", v)
@@ -766,12 +753,6 @@ def validate(cfg: Config, src: str = "config") -> None:
         "train.repval_boot",
         "must be imagined|critic",
         t.repval_boot,
-    )
-    need(
-        0 <= t.reward_prior_steps < t.sequence_length,
-        "train.reward_prior_steps",
-        f"must be in [0, sequence_length = {t.sequence_length})",
-        t.reward_prior_steps,
     )
     need(t.train_ratio > 0, "train.train_ratio", "must be > 0", t.train_ratio)
     for key in ("slow_critic_rate", "retnorm_rate"):

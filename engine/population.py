@@ -87,7 +87,7 @@ MODULE_KEYS = {
     **{
         f"train.{k}": (f"wm.{k}",)
         for k in ("beta_pred", "beta_dyn", "beta_rep", "image_scale", "vector_scale")
-        + ("reward_scale", "cont_scale", "reward_prior_scale")
+        + ("reward_scale", "cont_scale")
     },
 }
 
@@ -114,7 +114,7 @@ MEMBER_CALLS = (
     ("wm", "encode", (ROWS,), ROWS),
     ("wm", "obs_step", (ROWS,) * 5, ROWS),
     ("wm", "img_step", (ROWS,) * 3, ROWS),
-    ("wm", "loss_terms", (ROWS,) * 5, MEMBER),
+    ("wm", "loss_terms", (ROWS,) * 4, MEMBER),
     ("behavior", "act", (ROWS, None), ROWS),
     # losses(wm, feats (H+1, N, F), actions (H, N, A), replay (B, T), entropy_coef (K,)); the
     # member's own world model stands in for the `wm` argument.

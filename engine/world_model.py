@@ -48,11 +48,10 @@ class WorldModel(nn.Module):
         self.num_actions = num_actions
         # The loss weights and latent settings, which a population's members may each set.
         scales = ("beta_pred", "beta_dyn", "beta_rep", "image_scale", "vector_scale")
-        scales += ("reward_scale", "cont_scale", "reward_prior_scale")
+        scales += ("reward_scale", "cont_scale")
         settings = {k: getattr(t, k) for k in scales}
         hold_settings(self, dict(settings, unimix=m.unimix, free_bits=m.free_bits), member)
         self.use_image, self.use_vector = cfg.env.image, cfg.env.vector
-        self.reward_prior_steps = t.reward_prior_steps
         hold_space(self, m.twohot_space, space_flag)
         init = m.init
         units, size = m.d_hidden, cnn.target_size[0]
@@ -256,54 +255,14 @@ class WorldModel(nn.Module):
         actions = dists.onehot(batch["action"], self.num_actions)
         tokens = self.encode(batch)
         deter, stoch, post_logits = self.observe(tokens, actions, batch["is_first"], start)
-        if self.reward_prior_steps:
-            prior = self.prior_rollout(batch, actions, deter, stoch)
-            total, metrics = self.loss_terms(batch, deter, stoch, post_logits, prior)
-        else:
-            total, metrics = self.loss_terms(batch, deter, stoch, post_logits)
+        total, metrics = self.loss_terms(batch, deter, stoch, post_logits)
         return total, metrics, (deter.detach(), stoch.detach())
 
-    @torch.no_grad()
-    def prior_rollout(
-        self, batch: dict[str, Tensor], actions: Tensor, deter: Tensor, stoch: Tensor
-    ) -> dict[str, Tensor]:
-        """The replayed sequence imagined open loop (train.reward_prior_steps): from the
-        posterior at every position s, the prior rolled j = 1..steps steps with the actions that
-        were taken, for the reward head to regress the reward of position s + j. Imagination
-        reads rewards only from such prior states, and a head trained only on posteriors is
-        biased there. Static shapes: every depth rolls all B x T starts (the imagination's row
-        count, so the same compiled step); a start whose position s + j lies past the sequence
-        or across an episode start is masked. Returns feat (B, J, T, F), valid and target
-        (B, J, T), detached: the term trains the reward head only."""
-        B, T = deter.shape[:2]
-        first = batch["is_first"]
-        pad = lambda x, j: torch.cat([x[:, j:], torch.zeros_like(x[:, :j])], 1)  # noqa: E731
-        d, z = deter.detach().flatten(0, 1), stoch.detach().flatten(0, 1)
-        valid = torch.ones_like(first)
-        feats, valids, targets = [], [], []
-        for j in range(1, self.reward_prior_steps + 1):
-            d, z = self.img_step(d, z, pad(actions, j - 1).flatten(0, 1))
-            feats.append(self.feat(d, z).unflatten(0, (B, T)))
-            valid = valid & ~pad(first, j) & (torch.arange(T, device=first.device) < T - j)
-            valids.append(valid)
-            targets.append(pad(batch["reward"], j))
-        return {
-            "feat": torch.stack(feats, 1),
-            "valid": torch.stack(valids, 1),
-            "target": torch.stack(targets, 1),
-        }
-
     def loss_terms(
-        self,
-        batch: dict[str, Tensor],
-        deter: Tensor,
-        stoch: Tensor,
-        post_logits: Tensor,
-        prior: dict[str, Tensor] | None = None,
+        self, batch: dict[str, Tensor], deter: Tensor, stoch: Tensor, post_logits: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Decoders, heads and KL over the whole posterior sequence: one static-shape graph
-        (compiled on the fast path) after the step-by-step observe loop. `prior`: the open-loop
-        rollout of `prior_rollout`, whose rewards the reward head also regresses."""
+        (compiled on the fast path) after the step-by-step observe loop."""
         sc = self
         prior_logits = self.prior_logits(deter)  # the prior needs only deter: one batched call
         dyn, rep, kl = dists.kl_losses(post_logits, prior_logits, self.unimix, self.free_bits)
@@ -331,23 +290,6 @@ class WorldModel(nn.Module):
         cont_loss = -dists.bernoulli_logprob(cont_logit, cont_target)
         pred = pred + sc.reward_scale * reward_loss + sc.cont_scale * cont_loss
         total = (sc.beta_pred * pred + sc.beta_dyn * dyn + sc.beta_rep * rep).mean()
-        if prior is not None:
-            logits = self.reward_head(prior["feat"])
-            loss = dists.twohot_loss(
-                logits, prior["target"], self.bins, impl=self.kernels, space=self.space
-            )
-            w = prior["valid"].float()
-            # Each depth weighs as the posterior's reward term (per B x T position), so the
-            # term's weight is reward_prior_scale whatever the number of steps.
-            scale = sc.beta_pred * sc.reward_scale * sc.reward_prior_scale
-            total = total + scale * (loss * w).sum() / (w[:, 0].numel() * w.shape[1])
-            n = w.sum().clamp(min=1)
-            pred_reward = dists.twohot_mean(logits.detach().float(), self.bins, self.space)
-            metrics.update(
-                reward_prior_loss=((loss * w).sum() / n).detach(),
-                # Imagined minus real reward per step: what the imagination overpays.
-                reward_prior_bias=(((pred_reward - prior["target"]) * w).sum() / n),
-            )
         floor = dists.twohot_floor(batch["reward"], self.bins, self.space)
         metrics.update(
             wm_loss=total.detach(),
