@@ -33,6 +33,21 @@ END_TEXT = {
 }
 
 
+def lunar_potential(v: Any) -> Any:
+    """LunarLander-v3's shaping potential of state vectors (..., 8), numpy or torch: a step pays
+    the potential's change, less 0.3 for the main engine's fuel and 0.03 for a side engine's
+    (and a final +100 or -100 instead on a rest or a crash). Distance to the pad, speed and tilt
+    each cost 100 per unit; each leg on the ground pays 10."""
+    x, y, vx, vy, angle, _, leg1, leg2 = (v[..., i] for i in range(8))
+    distance, speed = (x * x + y * y) ** 0.5, (vx * vx + vy * vy) ** 0.5
+    return -100 * distance - 100 * speed - 100 * abs(angle) + 10 * leg1 + 10 * leg2
+
+
+# Tasks whose reward is a potential's change (less costs): --values splits the imagination's
+# excess into where the imagined states go and what the reward head pays beyond that.
+POTENTIALS: dict[str, Callable[[Any], Any]] = {"LunarLander-v3": lunar_potential}
+
+
 def end_kinds(task: str) -> tuple[str, ...]:
     """The ways an episode of `task` can end, in display order."""
     return END_KINDS.get(task, DEFAULT_END_KINDS)

@@ -21,7 +21,10 @@ head expects along them, against the real discounted reward of the episode's nex
 critic that values a policy far above what it earns is how a LunarLander run falls into
 hovering until the time limit; an imagination that pays more than the real steps is what feeds
 that critic (the critic learns from imagined returns). `--policy sample` imagines and plays
-with the sampled policy, as training's imagination does.
+with the sampled policy, as training's imagination does. For a task whose reward is a
+potential's change (LunarLander, engine.episodes.POTENTIALS) with the state vector observed, the
+imagination's excess is split in two by the decoded state vector: where the imagined states go
+(dynamics) and what the reward head pays beyond what they show (reward head).
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from engine.episodes import END_TEXT, Episodes, end_labels, episode_ends, play_episodes
+from engine.episodes import (
+    END_TEXT,
+    POTENTIALS,
+    Episodes,
+    end_labels,
+    episode_ends,
+    play_episodes,
+)
 from engine.rundir import RunError, fail, load_run
 
 EVAL_SEED_OFFSET = 30_000
@@ -84,25 +94,42 @@ class ValueProbe:
     The imagination draws from its own random stream (seeded `seed` + step), so the episodes
     played are those of the same command without the probe."""
 
-    def __init__(self, agent: Any, gamma: float, greedy: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        agent: Any,
+        gamma: float,
+        greedy: bool = False,
+        seed: int = 0,
+        potential: Any = None,
+    ) -> None:
         self.agent = agent
         self.gamma = gamma
         self.greedy = greedy
         self.seed = seed
+        self.potential = potential
         self.steps: list[tuple[np.ndarray, ...]] = []
+        self.shaping: list[tuple[np.ndarray, np.ndarray]] = []
 
     def __call__(self, carry: Any, playing: np.ndarray, reward: np.ndarray) -> None:
         wm, behavior = self.agent.wm, self.agent.behavior
         feat = wm.feat(carry[0], carry[1])
         value = behavior.value(behavior.critic(feat).float())
         predicted = wm.reward(feat)
-        dreamed = self.imagine(carry[0], carry[1])
+        feats, weight = self.rollout(carry[0], carry[1])
+        dreamed = (weight * wm.reward(feats[1:])).sum(0)
         self.steps.append(
             (value.cpu().numpy(), predicted.cpu().numpy(), playing, reward, dreamed.cpu().numpy())
         )
+        if self.potential is not None:
+            # The decoded state vector's potential along the imagined states; at the start (the
+            # posterior of the real state) it is the real state's, as the decoder reads it.
+            phi = self.potential(wm.decode_vector(feats))  # (H+1, N)
+            rise = (weight * (phi[1:] - phi[:-1])).sum(0)
+            self.shaping.append((phi[0].cpu().numpy(), rise.cpu().numpy()))
 
-    def imagine(self, deter: Any, stoch: Any) -> Any:
-        """(N,) discounted reward over the horizon's imagined steps from each state."""
+    def rollout(self, deter: Any, stoch: Any) -> tuple[Any, Any]:
+        """The imagined feats (H+1, N, F) from each state and each imagined reward's weight
+        (H, N): gamma^k times the probability the episode ran through the steps before k."""
         import torch
 
         wm = self.agent.wm
@@ -110,14 +137,26 @@ class ValueProbe:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed + len(self.steps))
             feats, _ = self.agent.behavior.imagine(wm, deter, stoch, self.greedy)
-            reward, cont = wm.reward(feats[1:]), wm.cont_prob(feats[1:])  # (H, N)
-        # Reward k counts by gamma^k times the probability the episode ran through steps < k.
+        cont = wm.cont_prob(feats[1:])  # (H, N)
         live = torch.cat([torch.ones_like(cont[:1]), self.gamma * cont[:-1]])
-        return (torch.cumprod(live, 0) * reward).sum(0)
+        return feats, torch.cumprod(live, 0)
+
+    def imagine(self, deter: Any, stoch: Any) -> Any:
+        """(N,) discounted reward over the horizon's imagined steps from each state."""
+        feats, weight = self.rollout(deter, stoch)
+        return (weight * self.agent.wm.reward(feats[1:])).sum(0)
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         """(values, predicted rewards, playing, rewards, imagined discounted rewards), (T, N)."""
         return tuple(np.stack(x) for x in zip(*self.steps))
+
+    def shaping_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """With a `potential`: (the potential of each state acted from, the weighted rise of
+        the potential along its imagined steps), (T, N); else None."""
+        if self.potential is None:
+            return None
+        phi, rise = (np.stack(x) for x in zip(*self.shaping))
+        return phi, rise
 
 
 def value_check(
@@ -129,6 +168,7 @@ def value_check(
     ends: dict[str, np.ndarray],
     dreamed: np.ndarray | None = None,
     horizon: int = 0,
+    shaping: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """--values' figures from ValueProbe's arrays (T, N): per episode the critic's value of its
     first state and its real discounted return from there (cut where the episode ended: a
@@ -143,7 +183,8 @@ def value_check(
     state): their mean against the real discounted reward of the episode's next `horizon` steps
     (0 after its end), pooled over the states whose window the episode ran through or ended in
     (a time-limit episode's last `horizon` - 1 states are left out: their real window is cut),
-    and the difference per end kind."""
+    and the difference per end kind. With `shaping` too (ValueProbe.shaping_arrays, for a task
+    in POTENTIALS), `dream_split`'s figures."""
     real = np.where(playing, rewards, 0.0)
     to_go, later = np.zeros_like(real), np.zeros(real.shape[1])
     for t in range(len(real) - 1, -1, -1):
@@ -176,6 +217,8 @@ def value_check(
     )
     if dreamed is not None:
         out.update(dream_check(dreamed, real, playing, gamma, horizon, ends))
+        if shaping is not None:
+            out.update(dream_split(dreamed, real, playing, gamma, horizon, *shaping))
     return out
 
 
@@ -189,9 +232,7 @@ def dream_check(
 ) -> dict[str, Any]:
     """value_check's imagination figures (see there); real: the rewards, 0 where not playing."""
     steps = len(real)
-    window = np.zeros_like(real)
-    for k in range(horizon):
-        window[: steps - k] += gamma**k * real[k:]
+    window = horizon_sums(real, gamma, horizon)
     cut = ends.get("time_limit", np.zeros(real.shape[1], dtype=bool))
     t = np.arange(steps)[:, None]
     ok = playing & ((t + horizon <= playing.sum(0)) | ~cut)
@@ -210,6 +251,58 @@ def dream_check(
         dream_real_mean=pooled(window, every),
         dream_gap=pooled(gap, every),
         dream_gap_by_end={k: pooled(gap, m) for k, m in ends.items() if (ok & m).any()},
+    )
+
+
+def horizon_sums(x: np.ndarray, gamma: float, horizon: int) -> np.ndarray:
+    """(T, N): at each t, the sum over k < horizon of gamma^k x[t + k] (0 past the end)."""
+    out = np.zeros_like(x)
+    for k in range(horizon):
+        out[: len(x) - k] += gamma**k * x[k:]
+    return out
+
+
+def dream_split(
+    dreamed: np.ndarray,
+    real: np.ndarray,
+    playing: np.ndarray,
+    gamma: float,
+    horizon: int,
+    phi: np.ndarray,
+    rise: np.ndarray,
+) -> dict[str, Any]:
+    """For a reward that is a potential's change less costs (LunarLander), the imagination's
+    excess split in two, over the windows that lie inside their episode (the state `horizon`
+    steps on was observed): `dream_dynamics`, how much more the potential rises along the
+    imagined states than along the real ones (where the imagination takes the lander), and
+    `dream_head`, how much more the reward head pays beyond the imagined states' rise than the
+    real rewards pay beyond the real rise (in reality that is minus the fuel; a head that pays
+    for what the imagined states do not show). The two add up to the windows' gap. `phi`: the
+    potential of each state acted from (T, N); `rise`: the weighted rise along its imagined
+    steps (ValueProbe.shaping_arrays). The real side weighs step k by gamma^k, as dream_check."""
+    steps = len(real)
+    step_rise = np.zeros_like(real)
+    step_rise[:-1] = phi[1:] - phi[:-1]
+    real_rise = horizon_sums(step_rise, gamma, horizon)
+    window = horizon_sums(real, gamma, horizon)
+    inside = np.zeros_like(playing)
+    inside[: max(steps - horizon, 0)] = playing[horizon:]
+    if not inside.any():
+        return dict(dream_split_states=0)
+
+    def mean(x: np.ndarray) -> float:
+        return float(x[inside].mean())
+
+    beyond, beyond_real = dreamed - rise, window - real_rise
+    return dict(
+        dream_split_states=int(inside.sum()),
+        dream_split_gap=mean(dreamed - window),
+        dream_rise=mean(rise),
+        dream_rise_real=mean(real_rise),
+        dream_dynamics=mean(rise - real_rise),
+        dream_beyond=mean(beyond),
+        dream_beyond_real=mean(beyond_real),
+        dream_head=mean(beyond - beyond_real),
     )
 
 
@@ -234,6 +327,15 @@ def values_text(v: dict[str, Any], s: dict[str, Any]) -> str:
             f"; imagined {v['dream_horizon']} steps ahead from {v['dream_states']} states, the "
             f"reward head expects {v['dream_reward_mean']:.2f} (discounted) against "
             f"{v['dream_real_mean']:.2f} real: {v['dream_gap']:+.2f} ({by_end})"
+        )
+    if v.get("dream_split_states"):
+        text += (
+            f"; of that, over the {v['dream_split_states']} windows inside an episode "
+            f"({v['dream_split_gap']:+.2f}): the shaping potential of the decoded state rises "
+            f"{v['dream_rise']:.2f} along the imagined steps against {v['dream_rise_real']:.2f} "
+            f"along the real ones, dynamics {v['dream_dynamics']:+.2f}; the reward head pays "
+            f"{v['dream_beyond']:+.2f} beyond the imagined rise against "
+            f"{v['dream_beyond_real']:+.2f} real (fuel), reward head {v['dream_head']:+.2f}"
         )
     limited = [n for n, e in zip(s["lengths"], s["end"]) if e == "time_limit"]
     if limited:
@@ -320,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
         greedy = (args.policy or cfg.log.eval_policy) == "mode"
         probe = None
         if args.values:
-            probe = ValueProbe(run.agent, cfg.train.gamma, greedy, seed)
+            potential = POTENTIALS.get(e.name) if e.vector else None
+            probe = ValueProbe(run.agent, cfg.train.gamma, greedy, seed, potential)
         episodes = play_episodes(run.agent, run.env, ObsUploader(run.device), greedy, probe=probe)
     finally:
         run.env.close()
@@ -345,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
             ends,
             dreamed,
             run.agent.behavior.horizon,
+            probe.shaping_arrays(),
         )
         print(values_text(s["values"], s))
     if args.json:

@@ -239,6 +239,10 @@ class WorldModel(nn.Module):
         """Predicted reward (the reward head's two-hot expectation), fp32."""
         return dists.twohot_mean(self.reward_head(feat).float(), self.bins, self.space)
 
+    def decode_vector(self, feat: Tensor) -> Tensor:
+        """The state vector the decoder reads from `feat` (env.vector), in real units, fp32."""
+        return dists.symexp(self.vector_decoder(feat).float())
+
     def cont_prob(self, feat: Tensor) -> Tensor:
         """Predicted probability that the episode continues, fp32: in bf16 a probability of
         0.998 rounds to 0.996, a step as large as 1 - gamma."""

@@ -14,8 +14,15 @@ from engine.agent import Agent
 from engine.behavior import Behavior
 from engine.config import load_config
 from engine.envs import make_env
-from engine.episodes import Episodes, end_labels, episode_ends, play_episodes
-from engine.evaluate import ValueProbe, ends_text, summary, value_check, values_text
+from engine.episodes import Episodes, end_labels, episode_ends, lunar_potential, play_episodes
+from engine.evaluate import (
+    ValueProbe,
+    dream_split,
+    ends_text,
+    summary,
+    value_check,
+    values_text,
+)
 from engine.rundir import RunError, load_run
 from engine.transfer import ObsUploader
 from tests.helpers import run_module, tiny_run
@@ -136,10 +143,15 @@ class _StubWorld:
     def cont_prob(self, feat):
         return torch.full_like(feat[..., 0], 0.5)
 
+    def decode_vector(self, feat):
+        return feat
+
 
 class _StubBehavior:
     num_actions, horizon = 2, 3
     imagine = Behavior.imagine  # the real rollout over the stub world
+    critic = staticmethod(lambda feat: feat)
+    value = staticmethod(lambda x: x[..., 0])
 
     def act(self, feat, greedy):
         return torch.zeros(feat.shape[0], dtype=torch.long)
@@ -154,6 +166,71 @@ def test_value_probe_imagination_by_hand():
     w = [1.0, 0.45, 0.45**2]
     expected = [sum(wk * r for wk, r in zip(w, rs)) for rs in ([1, 2, 3], [11, 12, 13])]
     np.testing.assert_allclose(probe.imagine(deter, deter).numpy(), expected, rtol=1e-6)
+
+
+def test_value_probe_follows_the_potential_along_the_imagined_states():
+    """With a potential (here twice the stub's state), the probe keeps each real state's
+    potential and its weighted rise along the imagined steps: states 0 -> 1 -> 2 -> 3 rise by 2
+    a step, weighed 1, 0.45, 0.45^2 as the rewards."""
+    agent = type("Stub", (), dict(wm=_StubWorld(), behavior=_StubBehavior()))()
+    probe = ValueProbe(agent, 0.9, potential=lambda v: 2 * v[..., 0])
+    deter = torch.tensor([[0.0], [10.0]])
+    probe((deter, deter), np.array([True, True]), np.array([0.0, 0.0]))
+    phi, rise = probe.shaping_arrays()
+    np.testing.assert_allclose(phi, [[0.0, 20.0]])
+    np.testing.assert_allclose(rise, [[2 * (1 + 0.45 + 0.45**2)] * 2], rtol=1e-6)
+    dreamed = probe.arrays()[4]
+    np.testing.assert_allclose(dreamed[0], probe.imagine(deter, deter).numpy(), rtol=1e-6)
+    assert ValueProbe(agent, 0.9).shaping_arrays() is None
+
+
+def test_dream_split_by_hand():
+    """gamma 0.5, windows of 2. Env 0 plays 4 steps (rewards 1, 2, 3, 4; potential 0, 2, 5, 9),
+    env 1 plays 3: only windows whose state 2 steps on was observed count: env 0's t = 0, 1 and
+    env 1's t = 0."""
+    playing = np.array([[1, 1], [1, 1], [1, 1], [1, 0]], dtype=bool)
+    real = np.array([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0], [4.0, 0.0]])
+    phi = np.array([[0.0, 0.0], [2.0, 4.0], [5.0, 4.0], [9.0, 0.0]])
+    dreamed = np.array([[10.0, 7.0], [20.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    rise = np.array([[4.0, 1.0], [6.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    v = dream_split(dreamed, real, playing, 0.5, 2, phi, rise)
+    # Real rises: env 0 2 + 0.5*3 = 3.5, 3 + 0.5*4 = 5; env 1 4 + 0.5*0 = 4. Real windows: env
+    # 0 1 + 0.5*2 = 2, 2 + 0.5*3 = 3.5; env 1 1 + 0.5 = 1.5.
+    assert v["dream_split_states"] == 3
+    assert v["dream_split_gap"] == pytest.approx((8 + 16.5 + 5.5) / 3)
+    assert v["dream_rise"] == pytest.approx(11 / 3)
+    assert v["dream_rise_real"] == pytest.approx(12.5 / 3)
+    assert v["dream_dynamics"] == pytest.approx((0.5 + 1 - 3) / 3)
+    assert v["dream_beyond"] == pytest.approx((6 + 14 + 6) / 3)
+    assert v["dream_beyond_real"] == pytest.approx((-1.5 - 1.5 - 2.5) / 3)
+    assert v["dream_head"] == pytest.approx((7.5 + 15.5 + 8.5) / 3)
+    assert v["dream_dynamics"] + v["dream_head"] == pytest.approx(v["dream_split_gap"])
+    assert dream_split(dreamed[:2], real[:2], playing[:2], 0.5, 2, phi[:2], rise[:2]) == dict(
+        dream_split_states=0
+    )
+
+
+def test_lunar_potential_is_what_lunarlander_pays():
+    """A LunarLander-v3 step pays the potential's change less the fuel (0.3 main engine, 0.03 a
+    side engine), except the +100 / -100 of its last step: checked on random play."""
+    gym = pytest.importorskip("gymnasium")
+    pytest.importorskip("Box2D")
+    env = gym.make("LunarLander-v3")
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=3)
+    checked = 0
+    for _ in range(300):
+        action = int(rng.integers(4))
+        nxt, reward, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            obs, _ = env.reset()
+            continue
+        fuel = {0: 0.0, 1: 0.03, 2: 0.3, 3: 0.03}[action]
+        expected = lunar_potential(nxt) - lunar_potential(obs) - fuel
+        assert reward == pytest.approx(expected, abs=2e-3)
+        obs, checked = nxt, checked + 1
+    env.close()
+    assert checked > 200
 
 
 def test_value_check_by_hand():
