@@ -116,7 +116,7 @@ class ValueProbe:
         value = behavior.value(behavior.critic(feat).float())
         predicted = wm.reward(feat)
         feats, weight = self.rollout(carry[0], carry[1])
-        dreamed = (weight * wm.reward(feats[1:])).sum(0)
+        dreamed = self.paid(feats, weight)
         self.steps.append(
             (value.cpu().numpy(), predicted.cpu().numpy(), playing, reward, dreamed.cpu().numpy())
         )
@@ -141,10 +141,13 @@ class ValueProbe:
         live = torch.cat([torch.ones_like(cont[:1]), self.gamma * cont[:-1]])
         return feats, torch.cumprod(live, 0)
 
+    def paid(self, feats: Any, weight: Any) -> Any:
+        """(N,) what the reward head pays along a rollout's feats, with its weights."""
+        return (weight * self.agent.wm.reward(feats[1:])).sum(0)
+
     def imagine(self, deter: Any, stoch: Any) -> Any:
         """(N,) discounted reward over the horizon's imagined steps from each state."""
-        feats, weight = self.rollout(deter, stoch)
-        return (weight * self.agent.wm.reward(feats[1:])).sum(0)
+        return self.paid(*self.rollout(deter, stoch))
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         """(values, predicted rewards, playing, rewards, imagined discounted rewards), (T, N)."""
@@ -155,8 +158,8 @@ class ValueProbe:
         the potential along its imagined steps), (T, N); else None."""
         if self.potential is None:
             return None
-        phi, rise = (np.stack(x) for x in zip(*self.shaping))
-        return phi, rise
+        phi, rise = zip(*self.shaping)
+        return np.stack(phi), np.stack(rise)
 
 
 def value_check(
