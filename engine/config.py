@@ -233,6 +233,12 @@ class TrainConfig:
     """Scale of the vector term (symlog squared error summed over dims). With images on, the
     image sum is ~10^3x larger; raising this makes the latent state track the vector precisely."""
     reward_scale: float = 1.0
+    reward_head_detached: bool = False
+    """false (official): the reward loss's gradient also trains the representation (encoder,
+    GRU, posterior), so the latent state learns codes for reward events of its own. true: the
+    reward head reads the features with their gradient stopped, so it only learns to read the
+    state that reconstruction and the KL shaped (the same one the decoders read), and an
+    imagined state pays what it shows (LunarLander's hover trap, README)."""
     cont_scale: float = 1.0
     slow_critic_rate: float = 0.02
     """EMA rate of the slow critic copy."""

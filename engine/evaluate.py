@@ -109,6 +109,7 @@ class ValueProbe:
         self.potential = potential
         self.steps: list[tuple[np.ndarray, ...]] = []
         self.shaping: list[tuple[np.ndarray, np.ndarray]] = []
+        self.targets: list[np.ndarray] = []
 
     def __call__(self, carry: Any, playing: np.ndarray, reward: np.ndarray) -> None:
         wm, behavior = self.agent.wm, self.agent.behavior
@@ -120,6 +121,7 @@ class ValueProbe:
         self.steps.append(
             (value.cpu().numpy(), predicted.cpu().numpy(), playing, reward, dreamed.cpu().numpy())
         )
+        self.targets.append(self.target(feats).cpu().numpy())
         if self.potential is not None:
             # The decoded state vector's potential along the imagined states; at the start (the
             # posterior of the real state) it is the real state's, as the decoder reads it.
@@ -145,6 +147,20 @@ class ValueProbe:
         """(N,) what the reward head pays along a rollout's feats, with its weights."""
         return (weight * self.agent.wm.reward(feats[1:])).sum(0)
 
+    def target(self, feats: Any) -> Any:
+        """(N,) the critic's training target from each state: the lambda-return over a rollout's
+        imagined steps (the reward head's rewards, the continue head's flags, the critic's values
+        of the imagined states), as training computes it, from a state known to be running."""
+        import torch
+
+        from engine.behavior import lambda_returns
+
+        wm, behavior = self.agent.wm, self.agent.behavior
+        reward = wm.reward(feats)
+        cont = torch.cat([torch.ones_like(reward[:1]), wm.cont_prob(feats[1:])])
+        value = behavior.value(behavior.critic(feats).float())
+        return lambda_returns(reward, cont, value, self.gamma, behavior.lam)[0]
+
     def imagine(self, deter: Any, stoch: Any) -> Any:
         """(N,) discounted reward over the horizon's imagined steps from each state."""
         return self.paid(*self.rollout(deter, stoch))
@@ -152,6 +168,10 @@ class ValueProbe:
     def arrays(self) -> tuple[np.ndarray, ...]:
         """(values, predicted rewards, playing, rewards, imagined discounted rewards), (T, N)."""
         return tuple(np.stack(x) for x in zip(*self.steps))
+
+    def target_arrays(self) -> np.ndarray:
+        """(T, N): the imagined lambda-return target from each state acted from (`target`)."""
+        return np.stack(self.targets)
 
     def shaping_arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
         """With a `potential`: (the potential of each state acted from, the weighted rise of
@@ -172,6 +192,8 @@ def value_check(
     dreamed: np.ndarray | None = None,
     horizon: int = 0,
     shaping: tuple[np.ndarray, np.ndarray] | None = None,
+    targets: np.ndarray | None = None,
+    lam: float = 0.95,
 ) -> dict[str, Any]:
     """--values' figures from ValueProbe's arrays (T, N): per episode the critic's value of its
     first state and its real discounted return from there (cut where the episode ended: a
@@ -187,7 +209,8 @@ def value_check(
     (0 after its end), pooled over the states whose window the episode ran through or ended in
     (a time-limit episode's last `horizon` - 1 states are left out: their real window is cut),
     and the difference per end kind. With `shaping` too (ValueProbe.shaping_arrays, for a task
-    in POTENTIALS), `dream_split`'s figures."""
+    in POTENTIALS), `dream_split`'s figures; with `targets` (ValueProbe.target_arrays, the
+    lambda-returns with `lam`), `target_check`'s."""
     real = np.where(playing, rewards, 0.0)
     to_go, later = np.zeros_like(real), np.zeros(real.shape[1])
     for t in range(len(real) - 1, -1, -1):
@@ -222,6 +245,8 @@ def value_check(
         out.update(dream_check(dreamed, real, playing, gamma, horizon, ends))
         if shaping is not None:
             out.update(dream_split(dreamed, real, playing, gamma, horizon, *shaping))
+        if targets is not None:
+            out.update(target_check(values, real, playing, targets, gamma, lam, horizon))
     return out
 
 
@@ -309,6 +334,60 @@ def dream_split(
     )
 
 
+def target_check(
+    values: np.ndarray,
+    real: np.ndarray,
+    playing: np.ndarray,
+    targets: np.ndarray,
+    gamma: float,
+    lam: float,
+    horizon: int,
+) -> dict[str, Any]:
+    """The critic against its training target and against the same target built from what
+    happened, over the windows inside their episode (the state `horizon` steps on was
+    observed). `targets` (T, N): the imagined lambda-returns from each state
+    (ValueProbe.target_arrays); the real one runs the same recursion over the real rewards
+    `real` and the critic's `values` of the real states that followed (the episode ran on:
+    continue 1). `target_residual`, the critic's value less the real target, is the imagined
+    target's excess (`target_gap`) plus the critic's distance from its own target
+    (`value_vs_target`). A target keeps `target_keep` (c: the lambda-return of no reward and
+    values of 1) of the values it bootstraps from, so the residual d is what a critic d / (1 - c)
+    above the real values leaves (`target_settle`): every unit of residual per target is about
+    32 units of overvaluation at gamma 0.997, lambda 0.95 over 15 steps."""
+    steps = len(real)
+    inside = np.zeros_like(playing)
+    inside[: max(steps - horizon, 0)] = playing[horizon:]
+    if not inside.any():
+        return dict(target_states=0)
+
+    def later(x: np.ndarray, k: int) -> np.ndarray:  # x[t + k] at every t (0 past the end)
+        out = np.zeros_like(x)
+        out[: max(steps - k, 0)] = x[k:]
+        return out
+
+    ret, keep = later(values, horizon), 1.0  # R_H: the value of the state H steps on
+    for k in range(horizon - 1, -1, -1):  # R_k = r_k + gamma ((1 - lam) v_k+1 + lam R_k+1)
+        ret = later(real, k) + gamma * ((1 - lam) * later(values, k + 1) + lam * ret)
+        keep = gamma * ((1 - lam) + lam * keep)
+
+    def mean(x: np.ndarray) -> float:
+        return float(x[inside].mean())
+
+    residual = mean(values - ret)
+    return dict(
+        target_states=int(inside.sum()),
+        target_lambda=lam,
+        target_value=mean(values),
+        target_imagined=mean(targets),
+        target_real=mean(ret),
+        target_gap=mean(targets - ret),
+        value_vs_target=mean(values - targets),
+        target_residual=residual,
+        target_keep=keep,
+        target_settle=residual / (1 - keep),
+    )
+
+
 def values_text(v: dict[str, Any], s: dict[str, Any]) -> str:
     """The --values line from value_check's figures and summary's (for the end counts)."""
     by_end = ", ".join(f"{s[k]} {END_TEXT[k]} {b:+.1f}" for k, b in v["value_bias_by_end"].items())
@@ -339,6 +418,18 @@ def values_text(v: dict[str, Any], s: dict[str, Any]) -> str:
             f"along the real ones, dynamics {v['dream_dynamics']:+.2f}; the reward head pays "
             f"{v['dream_beyond']:+.2f} beyond the imagined rise against "
             f"{v['dream_beyond_real']:+.2f} real (fuel), reward head {v['dream_head']:+.2f}"
+        )
+    if v.get("target_states"):
+        text += (
+            f"; over the {v['target_states']} windows inside an episode the critic values the "
+            f"states at {v['target_value']:.2f}, its lambda-return target (lambda "
+            f"{v['target_lambda']:g}) is {v['target_imagined']:.2f} imagined against "
+            f"{v['target_real']:.2f} from the real steps and the critic's values of the real "
+            f"states: {v['target_residual']:+.2f} above the real target (imagination "
+            f"{v['target_gap']:+.2f}, critic above its own target {v['value_vs_target']:+.2f}); "
+            f"a target keeps {v['target_keep']:.3f} of the values it bootstraps from, so that "
+            f"residual is what a critic {v['target_residual']:+.2f} / "
+            f"{1 - v['target_keep']:.3f} = {v['target_settle']:+.1f} above the real values leaves"
         )
     limited = [n for n, e in zip(s["lengths"], s["end"]) if e == "time_limit"]
     if limited:
@@ -452,6 +543,8 @@ def main(argv: list[str] | None = None) -> None:
             dreamed,
             run.agent.behavior.horizon,
             probe.shaping_arrays(),
+            probe.target_arrays(),
+            run.agent.behavior.lam,
         )
         print(values_text(s["values"], s))
     if args.json:

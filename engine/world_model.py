@@ -52,6 +52,7 @@ class WorldModel(nn.Module):
         settings = {k: getattr(t, k) for k in scales}
         hold_settings(self, dict(settings, unimix=m.unimix, free_bits=m.free_bits), member)
         self.use_image, self.use_vector = cfg.env.image, cfg.env.vector
+        self.reward_detached = t.reward_head_detached
         hold_space(self, m.twohot_space, space_flag)
         init = m.init
         units, size = m.d_hidden, cnn.target_size[0]
@@ -285,7 +286,7 @@ class WorldModel(nn.Module):
             sq = (self.vector_decoder(feat) - dists.symlog(batch["vector"])).square()
             pred = pred + sc.vector_scale * sq.sum(-1)
             metrics["vector_loss"] = sq.mean().detach()
-        rew_logits = self.reward_head(feat)
+        rew_logits = self.reward_head(feat.detach() if self.reward_detached else feat)
         reward_loss = dists.twohot_loss(
             rew_logits, batch["reward"], self.bins, impl=self.kernels, space=self.space
         )

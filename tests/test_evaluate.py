@@ -20,6 +20,7 @@ from engine.evaluate import (
     dream_split,
     ends_text,
     summary,
+    target_check,
     value_check,
     values_text,
 )
@@ -148,7 +149,7 @@ class _StubWorld:
 
 
 class _StubBehavior:
-    num_actions, horizon = 2, 3
+    num_actions, horizon, lam = 2, 3, 0.5
     imagine = Behavior.imagine  # the real rollout over the stub world
     critic = staticmethod(lambda feat: feat)
     value = staticmethod(lambda x: x[..., 0])
@@ -182,6 +183,63 @@ def test_value_probe_follows_the_potential_along_the_imagined_states():
     dreamed = probe.arrays()[4]
     np.testing.assert_allclose(dreamed[0], probe.imagine(deter, deter).numpy(), rtol=1e-6)
     assert ValueProbe(agent, 0.9).shaping_arrays() is None
+
+
+def test_value_probe_target_is_trainings_lambda_return_by_hand():
+    """The critic's target from each state: the lambda-return over the imagined states (the
+    stub's reward and value read the state, continue 0.5), gamma 0.9, lambda 0.5. From state 0:
+    R3 = 3, R2 = 3 + 0.45 * 3, R1 = 2 + 0.45 (2 + R2) / 2, R0 = 1 + 0.45 (1 + R1) / 2."""
+    agent = type("Stub", (), dict(wm=_StubWorld(), behavior=_StubBehavior()))()
+    probe = ValueProbe(agent, 0.9)
+    deter = torch.tensor([[0.0], [10.0]])
+    expected = []
+    for s0 in (0.0, 10.0):
+        ret = s0 + 3
+        for k in (3, 2, 1):
+            ret = (s0 + k) + 0.45 * (0.5 * (s0 + k) + 0.5 * ret)  # reward and value: s0 + k
+        expected.append(ret)
+    np.testing.assert_allclose(expected, [1.99646875, 17.73678125])
+    probe((deter, deter), np.array([True, True]), np.array([0.0, 0.0]))
+    np.testing.assert_allclose(probe.target_arrays(), [expected], rtol=1e-6)
+
+
+def test_target_check_by_hand():
+    """gamma 0.5, lambda 0.5, windows of 2. Env 0 plays 4 steps (values 4, 8, 2, 6, rewards 1,
+    2, 3, 4), env 1 plays 3 (values 10, 0, 4, rewards 1, 1, 1): windows at env 0's t = 0, 1 and
+    env 1's t = 0. Real targets: R1 = r1 + 0.5 v2, R0 = r0 + 0.5 (0.5 v1 + 0.5 R1): env 0 3.75
+    and 4, env 1 1.75. A target keeps 0.5 (0.5 + 0.5 * 0.5 (0.5 + 0.5)) = 0.375 of values."""
+    playing = np.array([[1, 1], [1, 1], [1, 1], [1, 0]], dtype=bool)
+    real = np.array([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0], [4.0, 0.0]])
+    values = np.array([[4.0, 10.0], [8.0, 0.0], [2.0, 4.0], [6.0, 0.0]])
+    targets = np.array([[5.0, 2.0], [3.0, 9.0], [9.0, 9.0], [9.0, 9.0]])
+    v = target_check(values, real, playing, targets, 0.5, 0.5, 2)
+    assert v["target_states"] == 3
+    assert v["target_value"] == pytest.approx(22 / 3)
+    assert v["target_imagined"] == pytest.approx(10 / 3)
+    assert v["target_real"] == pytest.approx(9.5 / 3)
+    assert v["target_gap"] == pytest.approx(0.5 / 3)
+    assert v["value_vs_target"] == pytest.approx(12 / 3)
+    assert v["target_residual"] == pytest.approx(12.5 / 3)
+    assert v["target_residual"] == pytest.approx(v["target_gap"] + v["value_vs_target"])
+    assert v["target_keep"] == pytest.approx(0.375)
+    assert v["target_settle"] == pytest.approx(12.5 / 3 / 0.625)
+    # A critic that is the real value (a constant reward c, forever: c / (1 - gamma)) under
+    # an exact imagination leaves no residual, at training's settings too.
+    c, gamma = 0.7, 0.997
+    steps = np.full((60, 1), True)
+    v = target_check(
+        np.full((60, 1), c / (1 - gamma)),
+        np.full((60, 1), c),
+        steps,
+        np.full((60, 1), c / (1 - gamma)),
+        gamma,
+        0.95,
+        15,
+    )
+    assert abs(v["target_residual"]) < 1e-9 and v["target_keep"] == pytest.approx(0.969, abs=1e-3)
+    assert target_check(values[:2], real[:2], playing[:2], targets[:2], 0.5, 0.5, 2) == dict(
+        target_states=0
+    )
 
 
 def test_dream_split_by_hand():
@@ -584,6 +642,9 @@ def test_cli_values_checks_the_critic_against_the_real_returns(lunar_dir, tmp_pa
     assert v["dream_horizon"] == horizon and 0 < v["dream_states"] <= v["states"]
     assert v["dream_gap"] == pytest.approx(v["dream_reward_mean"] - v["dream_real_mean"])
     assert f"imagined {horizon} steps ahead from {v['dream_states']} states" in second
+    assert 0 < v["target_states"] <= v["dream_states"]
+    assert v["target_residual"] == pytest.approx(v["target_gap"] + v["value_vs_target"])
+    assert f"= {v['target_settle']:+.1f} above the real values" in second
 
 
 @pytest.mark.slow

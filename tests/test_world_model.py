@@ -109,3 +109,34 @@ def test_world_model_learns_a_fixed_batch():
     assert last["wm_loss"] < 0.85 * first["wm_loss"]
     assert last["image_loss"] < 0.9 * first["image_loss"]
     assert last["reward_loss_excess"] < 0.7 * first["reward_loss_excess"]
+
+
+def test_detached_reward_head_trains_only_itself():
+    """train.reward_head_detached: the reward loss's gradient stops at the features, so it
+    trains the head and nothing else; the head's own gradient is the same either way."""
+    only_reward = ["train.beta_dyn=0", "train.beta_rep=0", "train.image_scale=0"]
+    only_reward += ["train.vector_scale=0", "train.cont_scale=0"]
+    grads = {}
+    for detached in (False, True):
+        cfg = tiny_cfg(*only_reward, f"train.reward_head_detached={str(detached).lower()}")
+        torch.manual_seed(0)
+        wm = WorldModel(cfg, vector_dim=4, num_actions=2)
+        with torch.no_grad():  # the zero-initialised output layer would pass no gradient back
+            for p in wm.reward_head.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        batch = synthetic_batch(cfg, 2, 5)
+        batch["reward"] = torch.randn(2, 5) * 5
+        loss, _, _ = wm.loss(batch)
+        loss.backward()
+        grads[detached] = {
+            n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in wm.named_parameters()
+        }
+    head = [n for n in grads[True] if n.startswith("reward_head.")]
+    rest = [n for n in grads[True] if not n.startswith("reward_head.")]
+    assert head and rest
+    for n in head:
+        assert grads[True][n].abs().sum() > 0
+        torch.testing.assert_close(grads[True][n], grads[False][n])
+    assert sum(grads[True][n].abs().sum() for n in rest) == 0
+    assert sum(grads[False][n].abs().sum() for n in rest) > 0  # official: it reaches the state
