@@ -290,6 +290,14 @@ def horizon_sums(x: np.ndarray, gamma: float, horizon: int) -> np.ndarray:
     return out
 
 
+def windows_inside(playing: np.ndarray, horizon: int) -> np.ndarray:
+    """(T, N): the states whose window of `horizon` steps lies inside their episode (the state
+    `horizon` steps on was observed)."""
+    inside = np.zeros_like(playing)
+    inside[: max(len(playing) - horizon, 0)] = playing[horizon:]
+    return inside
+
+
 def dream_split(
     dreamed: np.ndarray,
     real: np.ndarray,
@@ -308,13 +316,11 @@ def dream_split(
     for what the imagined states do not show). The two add up to the windows' gap. `phi`: the
     potential of each state acted from (T, N); `rise`: the weighted rise along its imagined
     steps (ValueProbe.shaping_arrays). The real side weighs step k by gamma^k, as dream_check."""
-    steps = len(real)
     step_rise = np.zeros_like(real)
     step_rise[:-1] = phi[1:] - phi[:-1]
     real_rise = horizon_sums(step_rise, gamma, horizon)
     window = horizon_sums(real, gamma, horizon)
-    inside = np.zeros_like(playing)
-    inside[: max(steps - horizon, 0)] = playing[horizon:]
+    inside = windows_inside(playing, horizon)
     if not inside.any():
         return dict(dream_split_states=0)
 
@@ -354,21 +360,29 @@ def target_check(
     values of 1) of the values it bootstraps from, so the residual d is what a critic d / (1 - c)
     above the real values leaves (`target_settle`): every unit of residual per target is about
     32 units of overvaluation at gamma 0.997, lambda 0.95 over 15 steps."""
-    steps = len(real)
-    inside = np.zeros_like(playing)
-    inside[: max(steps - horizon, 0)] = playing[horizon:]
+    import torch
+
+    from engine.behavior import lambda_returns
+
+    inside = windows_inside(playing, horizon)
     if not inside.any():
         return dict(target_states=0)
+    steps = len(real)
 
     def later(x: np.ndarray, k: int) -> np.ndarray:  # x[t + k] at every t (0 past the end)
         out = np.zeros_like(x)
         out[: max(steps - k, 0)] = x[k:]
         return out
 
-    ret, keep = later(values, horizon), 1.0  # R_H: the value of the state H steps on
-    for k in range(horizon - 1, -1, -1):  # R_k = r_k + gamma ((1 - lam) v_k+1 + lam R_k+1)
-        ret = later(real, k) + gamma * ((1 - lam) * later(values, k + 1) + lam * ret)
-        keep = gamma * ((1 - lam) + lam * keep)
+    # Training's recursion over the real windows: the reward into state k is real[t + k - 1],
+    # the value of state k is values[t + k], and the episode runs on (continue 1).
+    reward = torch.from_numpy(
+        np.stack([np.zeros_like(real)] + [later(real, k) for k in range(horizon)])
+    ).double()
+    value = torch.from_numpy(np.stack([later(values, k) for k in range(horizon + 1)])).double()
+    ret = lambda_returns(reward, torch.ones_like(value), value, gamma, lam)[0].numpy()
+    none = torch.zeros(horizon + 1, 1, dtype=torch.float64)  # no reward, values of 1
+    keep = float(lambda_returns(none, none + 1, none + 1, gamma, lam)[0, 0])
 
     def mean(x: np.ndarray) -> float:
         return float(x[inside].mean())
