@@ -503,13 +503,16 @@ def _run_legend(fig: Any, runs: Sequence[Run]) -> None:
 # eval.png's automatic y-range: the returns between the OUTLIER_QUANTILE and 1 - OUTLIER_QUANTILE
 # quantiles are the central range; a tail that reaches further than OUTLIER_SPAN times that range
 # beyond it (LunarLander's -2,000 crash-and-spin evals beside a 0-250 learning curve) is cut
-# off at the axis, and its points are drawn on the edge as triangles.
+# off at the axis, and its points are drawn on the edge as triangles. Where a run ended up is
+# never a tail: each run's last eval stays in view (cartpole_d256's 1,000 training episodes of
+# 10-50 and its last 20 of 500 would otherwise cut the axis at 260, under the solved curve).
 OUTLIER_QUANTILE = 0.02
 OUTLIER_SPAN = 1.0
 
 
-def eval_ylim(values: Sequence[float]) -> tuple[float, float] | None:
-    """The y-range eval.png zooms to, or None when no tail needs cutting off."""
+def eval_ylim(values: Sequence[float], keep: Sequence[float] = ()) -> tuple[float, float] | None:
+    """The y-range eval.png zooms to, or None when no tail needs cutting off; `keep` (each
+    run's last eval) stays inside it."""
     v = np.sort(np.asarray([x for x in values if math.isfinite(x)], dtype=float))
     if v.size < 10:
         return None
@@ -518,7 +521,13 @@ def eval_ylim(values: Sequence[float]) -> tuple[float, float] | None:
     span = max(hi_q - lo_q, 1e-9)
     lo = float(v[0]) if v[0] >= lo_q - OUTLIER_SPAN * span else lo_q - 0.05 * span
     hi = float(v[-1]) if v[-1] <= hi_q + OUTLIER_SPAN * span else hi_q + 0.05 * span
-    if lo == v[0] and hi == v[-1]:
+    kept = [float(x) for x in keep if math.isfinite(x)]
+    if kept:
+        pad = 0.05 * span
+        lo = min(lo, min(kept) - pad) if min(kept) < lo else lo
+        hi = max(hi, max(kept) + pad) if max(kept) > hi else hi
+        lo, hi = max(lo, float(v[0])), min(hi, float(v[-1]))
+    if lo <= v[0] and hi >= v[-1]:
         return None
     return lo, hi
 
@@ -559,7 +568,12 @@ def plot_eval(
         for r in recs
     ]
     every = [v for v in every if math.isfinite(v)]
-    clip = eval_ylim(every)
+    last = [  # each run's latest eval (by update, not by line)
+        num(max(evs, key=lambda r: num(r.get("step"))).get("eval_return"))
+        for evs in (run.until_stop(run.evals) for run in runs)
+        if evs
+    ]
+    clip = eval_ylim(every, keep=last)
     if ylim is not None:  # a NaN end takes the automatic one (or the data's own)
         auto = clip or (min(every, default=0.0), max(every, default=1.0))
         lo, hi = (given if math.isfinite(given) else a for given, a in zip(ylim, auto))

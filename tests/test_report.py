@@ -448,6 +448,21 @@ def test_eval_ylim_zooms_only_past_outliers():
     assert hi >= 260.0
 
 
+def test_eval_ylim_keeps_where_each_run_ended_in_view():
+    # cartpole_d256 (2026-12-06): 1,000 training episodes of 10-50, then 20 of 500 as it solved.
+    rng = np.random.default_rng(0)
+    early = list(rng.uniform(10.0, 50.0, 1000))
+    late = [500.0] * 20
+    lo, hi = report.eval_ylim(early + late)
+    assert hi < 500.0  # alone, the late 500s look like a tail to cut
+    assert report.eval_ylim(early + late, keep=[500.0]) is None  # the run ended there: all shown
+    # An early crash tail is still cut when the run ended inside the central range.
+    lo, hi = report.eval_ylim(early + [-2000.0] * 5, keep=[45.0])
+    assert lo > -100.0 and hi >= 45.0
+    # A kept value inside the zoom changes nothing; NaN is ignored.
+    assert report.eval_ylim(early + [-2000.0] * 5, keep=[30.0, math.nan]) == (lo, hi)
+
+
 def _eval_axes(runs, monkeypatch, ylim=None):
     """plot_eval's figure (not saved): its two axes and its suptitle text."""
     seen = {}
@@ -463,7 +478,8 @@ def test_eval_plot_clips_outliers_to_the_edge(tmp_path, monkeypatch):
     recs += [
         dict(r, episode_return=r["episode_return"] + 1.0) for r in recs if r["type"] == "episode"
     ]
-    recs.append(dict(type="eval", step=110, env_steps=1100, eval_return=-5000.0))
+    # mid-run (a run's latest eval always stays in view)
+    recs.append(dict(type="eval", step=55, env_steps=550, eval_return=-5000.0))
     run = report.load_run(write_metrics(tmp_path / "a", recs))
     (ax_env, ax_wall), title = _eval_axes([run], monkeypatch)
     lo, hi = ax_env.get_ylim()
