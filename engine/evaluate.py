@@ -290,12 +290,17 @@ def horizon_sums(x: np.ndarray, gamma: float, horizon: int) -> np.ndarray:
     return out
 
 
+def later(x: np.ndarray, k: int) -> np.ndarray:
+    """x[t + k] at every t along the first axis (zero past the end)."""
+    out = np.zeros_like(x)
+    out[: max(len(x) - k, 0)] = x[k:]
+    return out
+
+
 def windows_inside(playing: np.ndarray, horizon: int) -> np.ndarray:
     """(T, N): the states whose window of `horizon` steps lies inside their episode (the state
     `horizon` steps on was observed)."""
-    inside = np.zeros_like(playing)
-    inside[: max(len(playing) - horizon, 0)] = playing[horizon:]
-    return inside
+    return later(playing, horizon)
 
 
 def dream_split(
@@ -367,12 +372,6 @@ def target_check(
     inside = windows_inside(playing, horizon)
     if not inside.any():
         return dict(target_states=0)
-    steps = len(real)
-
-    def later(x: np.ndarray, k: int) -> np.ndarray:  # x[t + k] at every t (0 past the end)
-        out = np.zeros_like(x)
-        out[: max(steps - k, 0)] = x[k:]
-        return out
 
     # Training's recursion over the real windows: the reward into state k is real[t + k - 1],
     # the value of state k is values[t + k], and the episode runs on (continue 1).

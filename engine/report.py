@@ -522,11 +522,10 @@ def eval_ylim(values: Sequence[float], keep: Sequence[float] = ()) -> tuple[floa
     lo = float(v[0]) if v[0] >= lo_q - OUTLIER_SPAN * span else lo_q - 0.05 * span
     hi = float(v[-1]) if v[-1] <= hi_q + OUTLIER_SPAN * span else hi_q + 0.05 * span
     kept = [float(x) for x in keep if math.isfinite(x)]
-    if kept:
-        pad = 0.05 * span
-        lo = min(lo, min(kept) - pad) if min(kept) < lo else lo
-        hi = max(hi, max(kept) + pad) if max(kept) > hi else hi
-        lo, hi = max(lo, float(v[0])), min(hi, float(v[-1]))
+    if kept and min(kept) < lo:
+        lo = max(min(kept) - 0.05 * span, float(v[0]))
+    if kept and max(kept) > hi:
+        hi = min(max(kept) + 0.05 * span, float(v[-1]))
     if lo <= v[0] and hi >= v[-1]:
         return None
     return lo, hi
