@@ -97,3 +97,89 @@ def member_replay(run_dir: Path) -> tuple[Path, int, int] | None:
         return None
     rank, index = divmod(member, per_rank)
     return rank_path(pop, "replay", rank), index, per_rank
+
+
+def world_size_mismatch(path: Path, world: int) -> str | None:
+    """Why the checkpoint at `path` cannot resume in a job of `world` ranks, or None. A checkpoint
+    resumes with the world size that wrote it (each rank's replay shard and envs belong to its
+    rank); a missing or unreadable one is left to the restore to report."""
+    state = peek(path)
+    saved = 1 if state is None else state.get("world_size", 1)
+    if state is None or saved == world:
+        return None
+    how = f"torchrun --nproc_per_node {saved}" if saved > 1 else "one process (no torchrun)"
+    return (
+        f"{path}: written by a job of {saved} rank(s), this one has {world}: resume it with {how}"
+    )
+
+
+class ReplayFile:
+    """A run's replay on disk beside its latest.pt (log.checkpoint_replay): replay.pt, or
+    replay.rank<r>.pt for torchrun rank r's shard. It is staged as replay.pt.next and renamed
+    once the checkpoint it goes with is written (`commit`): a run killed in between keeps the
+    replay.pt of the checkpoint it resumes from, and a resume commits a staged replay of its
+    checkpoint's step and drops any other (`settle`)."""
+
+    def __init__(self, ckpt_dir: Path, rank: int):
+        self.path = rank_path(ckpt_dir, "replay", rank)
+        self.staged = staged_path(self.path)
+
+    def stage(self, state: dict, step: int, env_steps: int) -> None:
+        """Writes a replay's state_dict, tagged with the counters of the checkpoint it goes with."""
+        save(self.staged, dict(step=step, env_steps=env_steps, **state))
+
+    def commit(self) -> None:
+        if self.staged.is_file():
+            os.replace(self.staged, self.path)
+
+    def settle(self, step: int, env_steps: int) -> None:
+        """A replay.pt.next left by a run killed before its commit: the replay of the checkpoint
+        just loaded (killed after latest.pt was written) is committed, any other dropped."""
+        if self.staged.is_file():
+            if _written_with(peek(self.staged) or {}, step, env_steps):
+                os.replace(self.staged, self.path)
+            else:
+                self.staged.unlink()
+
+    def restore(
+        self, replay, step: int, env_steps: int, member_dir: Path | None = None
+    ) -> tuple[Path, str | None]:
+        """Loads the replay written with the checkpoint at (`step`, `env_steps`) into `replay`:
+        (the file read, None), or (the file, why it was not). `member_dir`: a population
+        member's directory resumed as a single run, which has no replay.pt of its own and
+        takes its envs' slice of the population's replay."""
+        self.settle(step, env_steps)
+        path, member = self.path, None
+        found = member_replay(member_dir) if member_dir and not path.is_file() else None
+        if found is not None and found[0].is_file():
+            path, member = found[0], found[1:]
+        if not path.is_file():
+            return path, f"no {path.name} beside the checkpoint"
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            if not _written_with(state, step, env_steps):
+                return path, (
+                    f"{path.name} holds update {state['step']} (env step {state['env_steps']}), "
+                    f"the checkpoint {step} ({env_steps})"
+                )
+            replay.load_state_dict(state if member is None else _member_slice(state, *member))
+        except ValueError as e:
+            return path, f"{path.name} does not fit this replay ({e})"
+        except Exception as e:  # unreadable or not ours: the checkpoint itself is fine
+            return path, f"{path.name} unreadable ({type(e).__name__})"
+        return path, None
+
+
+def _written_with(state: dict, step: int, env_steps: int) -> bool:
+    """Whether a saved replay was written with the checkpoint at (step, env_steps): both
+    counters, since during the random bootstrap every checkpoint is at update 0."""
+    return (state.get("step"), state.get("env_steps")) == (step, env_steps)
+
+
+def _member_slice(state: dict, member: int, members: int) -> dict:
+    """A population replay's state_dict (its (C, members x n) storage is the (C, members, n)
+    ring) cut down to one member's n envs, as a single run's replay holds them."""
+    n = state["num_envs"] // members
+    envs = slice(member * n, (member + 1) * n)
+    data = {k: v[:, envs] for k, v in state["data"].items()}
+    return dict(state, num_envs=n, data=data)

@@ -114,6 +114,18 @@ class Episodes(NamedTuple):
         """The episodes of several rounds of play, in order."""
         return Episodes(*(np.concatenate(xs) for xs in zip(*parts)))
 
+    def gathered(self, dist: Any) -> Episodes:
+        """Under torchrun (`dist`, engine.distributed's), every rank's episodes in rank order,
+        the same on every rank; without (None), these."""
+        if dist is None:
+            return self
+        import torch
+
+        def every(x: np.ndarray) -> np.ndarray:
+            return dist.gather_rows(torch.as_tensor(x, dtype=torch.float64)).numpy().astype(x.dtype)
+
+        return Episodes(*(every(np.asarray(x)) for x in self))
+
 
 def play_episodes(
     agent: Agent,

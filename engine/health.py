@@ -6,8 +6,18 @@ on the config and a run's (or a population member's) counters; the trainer acts 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from engine.config import TASK_TARGETS, Config, TrainConfig
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (non-finite loss, checkpoint mismatch): one-line message."""
+
+
+class HealthError(TrainingError):
+    """Training diverged (a non-finite metric or parameter, a runaway dream value). The bad
+    state is never checkpointed; engine.run exits with status 3."""
 
 
 def short(x: float) -> str:
@@ -83,3 +93,11 @@ def confirm_verdict(cfg: Config, mean: float, count: int) -> tuple[bool, str]:
         f"{'at or above' if passed else 'below'} the solved return {target:g} "
         "(train.stop_confirm_episodes)"
     )
+
+
+def confirmation(cfg: Config, episodes: Any) -> dict:
+    """The solve_confirm record of a solved streak's confirmation `episodes` (engine.episodes'
+    Episodes): whether they `passed`, the `reason`, their returns and how they ended."""
+    fields = episodes.record("confirm", cfg.env.name)
+    passed, why = confirm_verdict(cfg, fields["confirm_return"], fields["confirm_episodes"])
+    return dict(reason=why, passed=passed, **fields)

@@ -20,9 +20,11 @@ otherwise."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
 
 # Exit statuses of engine.run (engine/run.py), in the order a job reports them when its ranks
 # differ: 2 bad input, 3 every member failed, 4 a peer lost, 130 interrupted (checkpoint written).
@@ -31,6 +33,30 @@ ENGINE_STATUSES = (2, 3, 4, 130)
 # replay) took 11-25 s to write its set after a stop between updates, and more than 30 s when
 # the stop came during its first compiled update: it was killed with its set half written.
 SHUTDOWN_GRACE_S = 300
+
+
+@contextlib.contextmanager
+def stop_signals(handler: Callable, signals: tuple[int, ...]) -> Iterator[None]:
+    """`handler` for `signals` inside the block, the previous handlers back after it. A training
+    run acts on a stop between updates: raising KeyboardInterrupt from the handler (one
+    process), or setting a flag that every rank acts on at the same loop step (torchrun). Off
+    the main thread signals cannot be set, and they are left alone."""
+    previous = []
+    for sig in signals:
+        try:
+            previous.append((sig, signal.signal(sig, handler)))
+        except ValueError:
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in previous:
+            signal.signal(sig, old)
+
+
+def interrupt(signum, frame) -> None:
+    """A signal handler that ends a run like Ctrl-C: its final checkpoint is written first."""
+    raise KeyboardInterrupt
 
 
 def job_status(codes: list[int]) -> tuple[int, int | None]:

@@ -6,26 +6,113 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from engine.checkpoint import atomic_write
+from engine.health import TrainingError
 
 
 class MetricsLog:
-    """One JSON object per line, flushed as written so a killed run keeps what it logged."""
+    """One JSON object per line, flushed as written so a killed run keeps what it logged; with a
+    TensorBoard `writer` (log.tensorboard), train and eval lines as scalars too."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, writer: Any = None):
+        self.path, self.writer = path, writer
         self.file = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in record.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
+        kind = record["type"]
+        if self.writer is None or kind not in ("train", "eval"):
+            return
+        for k, v in record.items():
+            if k not in ("type", "step") and isinstance(v, int | float) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{kind}/{k}", v, record["step"])
+        self.writer.flush()
+
+    def close_writer(self) -> None:
+        """Ends the TensorBoard writer (again: nothing). A run does so on every way out, health
+        stops included; the file stays open for what a population writes after its run."""
+        if self.writer is not None:
+            self.writer.close()
 
     def close(self) -> None:
         self.file.close()
+        self.close_writer()
+
+
+class Meter:
+    """The training metrics of the updates since the last train line, summed on the device so
+    that reading them (`means`) is the one host sync per line, and the update and env-step rates
+    over the same stretch (`rates`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, tuple[Tensor, int]] = {}
+        self.since = (time.perf_counter(), 0, 0)
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+    def start(self, step: int, env_steps: int) -> None:
+        self.since = (time.perf_counter(), step, env_steps)
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        for k, v in metrics.items():
+            total, count = self.sums.get(k, (torch.zeros((), device=self.device), 0))
+            self.sums[k] = (total + v.detach().float(), count + 1)
+
+    def means(self) -> dict[str, Any]:
+        """Each metric's mean over the updates (a list per member for a population's (K,)
+        metrics), all in one transfer."""
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k][0] / self.sums[k][1] for k in keys]).cpu().tolist()
+        return dict(zip(keys, values))
+
+    def rates(self, step: int, env_steps: int) -> tuple[float, float, float]:
+        """(now, updates per second, env steps per second) since the last call (or `start`),
+        which closes the stretch: its sums are cleared and the next one begins."""
+        now = time.perf_counter()
+        t0, step0, env0 = self.since
+        self.since = (now, step, env_steps)
+        self.sums.clear()
+        seconds = max(now - t0, 1e-9)
+        return now, (step - step0) / seconds, (env_steps - env0) / seconds
+
+
+class NullLog:
+    """metrics.jsonl of a rank other than 0: rank 0 writes the job's."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close_writer(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+TENSORBOARD_MISSING = (
+    "log.tensorboard = true needs the tensorboard package: pip install tensorboard"
+)
+
+
+def require_tensorboard() -> type:
+    """torch's SummaryWriter, or a TrainingError naming the missing package (checked at start,
+    so a run does not fail at its first log line)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainingError(TENSORBOARD_MISSING) from None
+    return SummaryWriter
 
 
 def _jsonable(v: Any) -> Any:

@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import math
 import os
-import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,11 +64,19 @@ from engine.config import (
 from engine.dists import make_bins
 from engine.episodes import Episodes
 from engine.fast import FastOptions
-from engine.health import confirm_rounds, early_stop_reason, solved_reason, unhealthy
+from engine.health import (
+    HealthError,
+    TrainingError,
+    confirm_rounds,
+    confirmation,
+    early_stop_reason,
+    solved_reason,
+    unhealthy,
+)
 from engine.logger import MetricsLog, truncate_metrics
 from engine.nvtx import nvtx_range
 from engine.optim import StackedOptimizer, step_together
-from engine.trainer import BEHAVIOR_KEYS, HealthError, Trainer, TrainingError
+from engine.trainer import BEHAVIOR_KEYS, Trainer
 
 # Member settings (config.MEMBER_KEYS) the member's modules hold as tensors (hold_settings):
 # config key -> the stacked buffers holding it. The others are the optimizers' (learning rates,
@@ -677,7 +684,7 @@ class PopulationTrainer(Trainer):
         (points every rank passes in step)."""
         stops, self._stops = self._stops, []
         for record in self._job(stops):
-            self._write(record)
+            self.log.write(record)
 
     def _flags(self) -> tuple[bool, ...]:
         return bool(self._rank_done), self._rank_done == "failed"
@@ -695,19 +702,15 @@ class PopulationTrainer(Trainer):
     # ---- Logging ----------------------------------------------------------------------------
 
     def _log_train(self) -> None:
-        if not self._acc:
+        if not self.meter:
             return
         c = self.counters
         means = self._means()  # key -> [one value per member]
-        self._acc.clear()
-        now = time.perf_counter()
-        t0, step0, env0 = self._interval
-        self._interval = (now, c["step"], c["env_steps"])
-        rate = (c["step"] - step0) / max(now - t0, 1e-9)
+        now, rate, env_rate = self.meter.rates(c["step"], c["env_steps"])
         speed = dict(
             train_steps_per_sec=rate,
             agent_updates_per_sec=rate * self.members,  # this rank's (the job's: x world)
-            env_steps_per_sec=(c["env_steps"] - env0) / max(now - t0, 1e-9),  # per member
+            env_steps_per_sec=env_rate,  # per member
         )
         training = [m["status"] == "training" for m in self.member_counters]
         total = dict(
@@ -872,7 +875,7 @@ class PopulationTrainer(Trainer):
         for k, reason in solved.items():
             if parts:
                 mine = Episodes.join([p.rows(self._eval_rows(k)) for p in parts])
-                confirm = self._confirmation(mine)
+                confirm = confirmation(self.cfg, mine)
                 self._member_write(k, "solve_confirm", **confirm)
                 if not confirm["passed"]:
                     self.progress.write(
@@ -900,7 +903,7 @@ class PopulationTrainer(Trainer):
         came during the first update's compile) leaves the previous set whole, replay
         included, on every rank: _restore resumes the latest step whose set every rank holds,
         committed or staged, and drops the rest (Trainer._restore_replay the replay's)."""
-        if self._acc:  # updates since the last log line are checked first
+        if self.meter:  # updates since the last log line are checked first
             means = self._means()
             for k, mc in enumerate(self.member_counters):
                 if mc["status"] == "training":

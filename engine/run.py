@@ -122,7 +122,9 @@ def _main(argv: list[str] | None = None) -> None:
     # Imported after the config is known good: torch and the envs take seconds to import.
     from engine.distributed import PeerLost
     from engine.envs import EnvError
-    from engine.trainer import HealthError, Trainer, TrainingError, require_tensorboard
+    from engine.health import HealthError, TrainingError
+    from engine.logger import require_tensorboard
+    from engine.trainer import Trainer
 
     population = cfg.population.size > 1
     # A population's checkpoint is population.pt plus member_*/checkpoints/latest.pt.

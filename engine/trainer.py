@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import random
 import signal
 import time
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from engine import checkpoint, distributed, fast
 from engine.agent import Agent
@@ -34,43 +32,29 @@ from engine.envs import make_env
 from engine.episodes import Episodes
 from engine.evaluation import Evaluator, dream_unavailable
 from engine.health import (
+    HealthError,
+    TrainingError,
     confirm_rounds,
-    confirm_verdict,
+    confirmation,
     early_stop_reason,
     short,
     solved_reason,
     unhealthy,
 )
-from engine.logger import MetricsLog, Progress, truncate_metrics
+from engine.launch import interrupt, stop_signals
+from engine.logger import (
+    Meter,
+    MetricsLog,
+    NullLog,
+    Progress,
+    require_tensorboard,
+    truncate_metrics,
+)
 from engine.nvtx import ProfileWindow, nvtx_range
 from engine.replay import Replay, replay_bytes, transition_spec
 
 # Training-line keys that exist only once the actor trains; logged as null during warm-up.
 BEHAVIOR_KEYS = ("actor_loss", "actor_entropy", "critic_loss", "dream_reward", "dream_value")
-
-
-class TrainingError(Exception):
-    """A run that cannot go on (non-finite loss, checkpoint mismatch): one-line message."""
-
-
-class HealthError(TrainingError):
-    """Training diverged (a non-finite metric or parameter, a runaway dream value). The bad
-    state is never checkpointed; engine.run exits with status 3."""
-
-
-TENSORBOARD_MISSING = (
-    "log.tensorboard = true needs the tensorboard package: pip install tensorboard"
-)
-
-
-def require_tensorboard() -> type:
-    """torch's SummaryWriter, or a TrainingError naming the missing package (checked at start,
-    so a run does not fail at its first log line)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise TrainingError(TENSORBOARD_MISSING) from None
-    return SummaryWriter
 
 
 class Trainer:
@@ -93,8 +77,10 @@ class Trainer:
         self.is_main = self.rank == 0
         self.dp = self.dist if self.ranks_share_agent else None  # data-parallel collectives
         self.shards = self.world if self.dp is not None else 1  # the replay's shards
-        if resume:
-            self._check_world_size(run_dir / "checkpoints" / self.resume_file)
+        # A checkpoint resumes with the world size that wrote it: checked before anything is built.
+        resume_path = run_dir / "checkpoints" / self.resume_file
+        if resume and (why := checkpoint.world_size_mismatch(resume_path, self.world)):
+            raise TrainingError(why)
         # Optional packages first: a missing one fails before anything is built or written.
         writer_cls = require_tensorboard() if cfg.log.tensorboard else None
         if cfg.log.dream_video and (why := dream_unavailable()):
@@ -149,6 +135,7 @@ class Trainer:
         self.saved_step: dict[str, int] = {}  # checkpoint name -> step it holds
         self.ckpt_dir = run_dir / "checkpoints"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.replay_file = checkpoint.ReplayFile(self.ckpt_dir, self.rank)
         if resume:
             self._restore()
             self.saved_step["latest"] = self.counters["step"]
@@ -165,7 +152,12 @@ class Trainer:
         # during its random bootstrap only completes it.
         self.train_from = max(c["env_steps"], fill) if restored else c["env_steps"] + fill
         self.episodes_at_start = 0 if restored else c["episodes"]  # for min_buffer_episodes
-        self.log = MetricsLog(run_dir / "metrics.jsonl") if self.is_main else NullLog()
+        tb = None
+        if writer_cls is not None and self.is_main:
+            # On resume, events past the checkpoint (logged, then lost with the run) are hidden.
+            purge = c["step"] + 1 if resume else None
+            tb = writer_cls(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        self.log = MetricsLog(run_dir / "metrics.jsonl", tb) if self.is_main else NullLog()
         # Acting in the training envs; its RNG draws the random bootstrap policy's actions.
         self.collector = Collector(
             self.agent,
@@ -186,7 +178,7 @@ class Trainer:
             self.progress.write,
             members=k,
         )
-        self._acc: dict[str, tuple[Tensor, int]] = {}
+        self.meter = Meter(self.device)  # the metrics and rates of the current log interval
         trace = run_dir / "trace.json" if cfg.general.trace else None
         self.window = ProfileWindow(profile_window(cfg.general.profile), trace)
         self.last_return = float("nan")
@@ -197,11 +189,6 @@ class Trainer:
         self.agent.set_entropy_coef(self._entropy_coef)
         self.stop_reason: str | None = None
         self.stop_kind = ""  # "early stop" or "solved", with stop_reason
-        self.tb = None
-        if writer_cls is not None and self.is_main:
-            # On resume, events past the checkpoint (logged, then lost with the run) are hidden.
-            purge = c["step"] + 1 if resume else None
-            self.tb = writer_cls(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
         self.dreams = cfg.log.dream_video and cfg.env.image and cfg.log.eval_every > 0
         self.dreams = self.dreams and self.is_main
         if cfg.log.dream_video and not self.dreams:
@@ -257,8 +244,7 @@ class Trainer:
         try:
             return self._run()
         finally:
-            if self.tb is not None:
-                self.tb.close()  # also on a health stop: its last train line is what went wrong
+            self.log.close_writer()  # also on a health stop or an interrupt
 
     def _run(self) -> dict:
         c, t = self.counters, self.cfg.train
@@ -274,42 +260,19 @@ class Trainer:
             )
         per_update = t.batch_size * t.sequence_length
         self.collector.start(t.async_collection)
-        start = self._started = time.perf_counter()
-        self._interval = (start, c["step"], c["env_steps"])
-        previous = _install_sigterm() if self.dist is None else self._install_stop_flag()
-        try:
-            while not self._done():
-                self._agree()
-                with nvtx_range("collect"):
-                    # The random policy until the replay holds bootstrap_steps (a fresh run).
-                    self.collector.step(self.random_policy and c["env_steps"] < self.train_from)
-                # Counted per agent: a population's member steps env.num_envs of the K x N
-                # envs, so its train ratio, bootstrap and env-step limits are a single run's.
-                # Data-parallel, every rank's envs count: env steps are the job's.
-                c["env_steps"] += self.cfg.env.num_envs * self.shards
-                if self._ready():
-                    c["budget"] += self.cfg.env.num_envs * t.train_ratio / per_update
-                    while c["budget"] >= 1 and not self._done():
-                        self._update()
-                        c["budget"] -= 1
-                self.progress.update(
-                    c["step"],
-                    env=c["env_steps"],
-                    ret=f"{self.last_return:.0f}",
-                    eval=f"{self.last_eval:.0f}",
-                )
-        except KeyboardInterrupt:
-            self._end_segment()
-            self._checkpoint("latest")
-            self.progress.close()
-            raise
-        finally:
-            self.collector.stop()  # the env step in flight finishes (or raises) first
-            for sig, handler in previous:
-                try:
-                    signal.signal(sig, handler)
-                except ValueError:
-                    pass
+        self._started = time.perf_counter()
+        self.meter.start(c["step"], c["env_steps"])
+        with self._stop_signals():
+            try:
+                while not self._done():
+                    self._loop_step(per_update)
+            except KeyboardInterrupt:
+                self._end_segment()
+                self._checkpoint("latest")
+                self.progress.close()
+                raise
+            finally:
+                self.collector.stop()  # the env step in flight finishes (or raises) first
         self._end_segment()
         self.window.stop()
         self._log_train()
@@ -327,27 +290,36 @@ class Trainer:
             stop_kind=self.stop_kind,
         )
 
-    def _install_stop_flag(self):
-        """Under torchrun, SIGINT and SIGTERM (Ctrl-C, or the launcher stopping the job) ask
-        for a stop that every rank makes at the same loop step (_done): no rank is left waiting
-        in a collective, and rank 0 writes the checkpoint of a finished update. Returns the
-        handlers to put back, as _install_sigterm does."""
+    def _loop_step(self, per_update: int) -> None:
+        """One step of the training envs, then the updates the train ratio owes."""
+        c, t = self.counters, self.cfg.train
+        self._agree()
+        with nvtx_range("collect"):
+            # The random policy until the replay holds bootstrap_steps (a fresh run).
+            self.collector.step(self.random_policy and c["env_steps"] < self.train_from)
+        # Counted per agent: a population's member steps env.num_envs of the K x N envs, so its
+        # train ratio, bootstrap and env-step limits are a single run's. Data-parallel, every
+        # rank's envs count: env steps are the job's.
+        c["env_steps"] += self.cfg.env.num_envs * self.shards
+        if self._ready():
+            c["budget"] += self.cfg.env.num_envs * t.train_ratio / per_update
+            while c["budget"] >= 1 and not self._done():
+                self._update()
+                c["budget"] -= 1
+        ret, ev = f"{self.last_return:.0f}", f"{self.last_eval:.0f}"
+        self.progress.update(c["step"], env=c["env_steps"], ret=ret, eval=ev)
 
-        def handler(signum, frame):
-            self._stop_requested = True
+    def _stop_signals(self):
+        """SIGTERM ends a single run like Ctrl-C, its final checkpoint written first. Under
+        torchrun, SIGINT and SIGTERM (Ctrl-C, or the launcher stopping the job) ask for a stop
+        that every rank makes at the same loop step (_agree): no rank is left waiting in a
+        collective, and rank 0 writes the checkpoint of a finished update."""
+        if self.dist is None:
+            return stop_signals(interrupt, (signal.SIGTERM,))
+        return stop_signals(self._request_stop, (signal.SIGINT, signal.SIGTERM))
 
-        previous = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous.append((sig, signal.signal(sig, handler)))
-            except ValueError:
-                pass
-        return previous
-
-    def _gathered(self, x) -> np.ndarray:
-        """Every rank's copy of the per-episode array `x`, in rank order."""
-        rows = self.dist.gather_rows(torch.as_tensor(np.asarray(x, dtype=np.float64)))
-        return rows.numpy().astype(np.asarray(x).dtype)
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
 
     def _wall_time(self, now: float | None = None) -> float:
         """Training seconds so far: the earlier segments (before a resume) plus this one."""
@@ -420,10 +392,7 @@ class Trainer:
         if coef != self._entropy_coef:  # refilled in place: no recompile, graphs read it
             self.agent.set_entropy_coef(coef)
             self._entropy_coef = coef
-        metrics = self.learner.step(c["step"] >= cfg.train.actor_warmup_steps)
-        for k, v in metrics.items():
-            total, count = self._acc.get(k, (torch.zeros((), device=self.device), 0))
-            self._acc[k] = (total + v.detach().float(), count + 1)
+        self.meter.add(self.learner.step(c["step"] >= cfg.train.actor_warmup_steps))
         c["step"] += 1
         step = c["step"]
         if step % cfg.log.log_every == 0:
@@ -439,50 +408,30 @@ class Trainer:
         )
 
     def _record(self, kind: str, **fields) -> None:
-        self._write(self._fields(kind, **fields))
-
-    def _write(self, record: dict) -> None:
-        """metrics.jsonl, plus TensorBoard scalars for train and eval lines."""
-        self.log.write(record)
-        kind = record["type"]
-        if self.tb is None or kind not in ("train", "eval"):
-            return
-        for k, v in record.items():
-            if k not in ("type", "step") and isinstance(v, int | float) and not isinstance(v, bool):
-                self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
-        self.tb.flush()
+        self.log.write(self._fields(kind, **fields))
 
     def _means(self) -> dict[str, float]:
-        """The interval's metric means. The one host sync per log interval: all metrics come
-        over in a single transfer."""
-        keys = list(self._acc)
-        values = torch.stack([self._acc[k][0] / self._acc[k][1] for k in keys]).cpu().tolist()
+        """The interval's metric means (the one host sync per log interval)."""
+        means = self.meter.means()
         if self.dp is not None:  # the means over ranks: every rank's checks see the same
-            values = self.dp.mean(values)
-        return dict(zip(keys, values))
+            means = dict(zip(means, self.dp.mean(list(means.values()))))
+        return means
 
     def _log_train(self) -> None:
-        if not self._acc:
+        if not self.meter:
             return
         c = self.counters
         means = self._means()
-        self._acc.clear()
-        now = time.perf_counter()
-        t0, step0, env0 = self._interval
-        self._interval = (now, c["step"], c["env_steps"])
-        record = self._fields(
-            "train",
-            wall_time=self._wall_time(now),
-            **{k: None for k in BEHAVIOR_KEYS},
-        )
-        record.update(means)
+        now, updates, env_steps = self.meter.rates(c["step"], c["env_steps"])
+        record = self._fields("train", wall_time=self._wall_time(now))
+        record.update({k: None for k in BEHAVIOR_KEYS}, **means)
         record.update(
-            train_steps_per_sec=(c["step"] - step0) / max(now - t0, 1e-9),
-            env_steps_per_sec=(c["env_steps"] - env0) / max(now - t0, 1e-9),
+            train_steps_per_sec=updates,
+            env_steps_per_sec=env_steps,
             actor_entropy_coef=self._entropy_coef,
             **self.lrs,
         )
-        self._write(record)
+        self.log.write(record)
         self._check_health(means)
         self._check_early_stop(means.get("wm_loss"))
 
@@ -521,8 +470,8 @@ class Trainer:
         if reason is None:
             return
         if rounds := confirm_rounds(self.cfg.train, played):
-            parts = [self._gathered_episodes(e) for e in self.evaluator.rounds(rounds)]
-            confirm = self._confirmation(Episodes.join(parts))
+            parts = [e.gathered(self.dp) for e in self.evaluator.rounds(rounds)]
+            confirm = confirmation(self.cfg, Episodes.join(parts))
             self._record("solve_confirm", **confirm)
             if not confirm["passed"]:
                 self.progress.write(
@@ -545,7 +494,7 @@ class Trainer:
         c = self.counters
         # With dream videos, the first eval env's first episode is recorded for a dream.
         episodes, clip = self.evaluator.play(record=self.dreams)
-        episodes = self._gathered_episodes(episodes)
+        episodes = episodes.gathered(self.dp)
         fields = episodes.record("eval", self.cfg.env.name)
         self.last_eval = fields["eval_return"]
         self._record("eval", **fields)
@@ -561,26 +510,12 @@ class Trainer:
             self.evaluator.dream(clip, c["step"])
         return self.last_eval
 
-    def _gathered_episodes(self, episodes: Episodes) -> Episodes:
-        """Under torchrun, every rank's episodes (the same record on every rank)."""
-        if self.dp is None:
-            return episodes
-        return Episodes(*(self._gathered(x) for x in episodes))
-
-    def _confirmation(self, episodes: Episodes) -> dict:
-        """The solve_confirm record of a solved streak's confirmation episodes: whether they
-        `passed`, the `reason`, their returns and how they ended."""
-        fields = episodes.record("confirm", self.cfg.env.name)
-        mean, count = fields["confirm_return"], fields["confirm_episodes"]
-        passed, why = confirm_verdict(self.cfg, mean, count)
-        return dict(reason=why, passed=passed, **fields)
-
     # ---- Checkpoints --------------------------------------------------------------------------
 
     def _checkpoint(self, name: str) -> int:
         """Writes `name`.pt unless the state is unhealthy: updates since the last log line are
         checked first (checkpoint_every need not be a multiple of log_every)."""
-        if self._acc:
+        if self.meter:
             self._check_health(self._means())
         params = [p.detach() for p in self.agent.parameters()]
         if not torch.stack([p.isfinite().all() for p in params]).all():
@@ -606,37 +541,14 @@ class Trainer:
         return size
 
     def _save_replay(self) -> None:
-        """checkpoints/replay.pt under log.checkpoint_replay, staged as replay.pt.next and renamed
-        once the checkpoint it goes with is written (_commit_replay): a run killed in between
-        keeps the replay.pt of the checkpoint it resumes from, and a resume commits a staged
-        replay of its checkpoint's step and drops any other (_restore_replay)."""
+        """checkpoints/replay.pt under log.checkpoint_replay, staged until the checkpoint it goes
+        with is written (_commit_replay; checkpoint.ReplayFile)."""
         if self.cfg.log.checkpoint_replay:
             c = self.counters
-            replay = dict(step=c["step"], env_steps=c["env_steps"], **self.replay.state_dict())
-            checkpoint.save(checkpoint.staged_path(self._replay_path()), replay)
+            self.replay_file.stage(self.replay.state_dict(), c["step"], c["env_steps"])
 
     def _commit_replay(self) -> None:
-        path = self._replay_path()
-        if (staged := checkpoint.staged_path(path)).is_file():
-            os.replace(staged, path)
-
-    def _replay_path(self) -> Path:
-        """replay.pt; under torchrun, rank r > 0 keeps its shard in replay.rank<r>.pt."""
-        return checkpoint.rank_path(self.ckpt_dir, "replay", self.rank)
-
-    def _check_world_size(self, path: Path) -> None:
-        """A checkpoint resumes with the world size that wrote it (each rank's replay shard and
-        envs belong to its rank): checked before anything is built."""
-        state = checkpoint.peek(path)
-        if state is None:
-            return  # _restore reports a missing or unreadable checkpoint
-        saved = state.get("world_size", 1)
-        if saved != self.world:
-            how = f"torchrun --nproc_per_node {saved}" if saved > 1 else "one process (no torchrun)"
-            raise TrainingError(
-                f"{path}: written by a job of {saved} rank(s), this one has {self.world}: "
-                f"resume it with {how}"
-            )
+        self.replay_file.commit()
 
     def _restore(self) -> None:
         path = self.ckpt_dir / "latest.pt"
@@ -673,63 +585,17 @@ class Trainer:
         file was written with the checkpoint just loaded; otherwise says why it refills."""
         if not self.cfg.log.checkpoint_replay:
             return False
-        self._settle_staged_replay()
-        path, member = self._replay_source()
-        why = None
-        if not path.is_file():
-            why = f"no {path.name} beside the checkpoint"
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                if not self._holds_this_step(state):
-                    c = self.counters
-                    why = (
-                        f"{path.name} holds update {state['step']} (env step "
-                        f"{state['env_steps']}), the checkpoint {c['step']} ({c['env_steps']})"
-                    )
-                else:
-                    if member is not None:
-                        state = _member_slice(state, *member)
-                    self.replay.load_state_dict(state)
-            except ValueError as e:
-                why = f"{path.name} does not fit this replay ({e})"
-            except Exception as e:  # unreadable or not ours: the checkpoint itself is fine
-                why = f"{path.name} unreadable ({type(e).__name__})"
+        c = self.counters
+        # A population member resumed as a single run reads its slice of the population's.
+        alone = self.world == 1 and self.cfg.population.size == 1
+        member_dir = self.run_dir if alone else None
+        path, why = self.replay_file.restore(self.replay, c["step"], c["env_steps"], member_dir)
         if why is not None:
             self.progress.write(f"notice: {why}: refilling the replay")
             return False
-        of = "" if member is None else f" of {self.run_dir.name}"
+        of = "" if path == self.replay_file.path else f" of {self.run_dir.name}"
         self.progress.write(f"restored the replay: {len(self.replay):,} env steps{of} from {path}")
         return True
-
-    def _holds_this_step(self, state: dict) -> bool:
-        """Whether a saved replay was written with the checkpoint just loaded (both counters:
-        during the random bootstrap every checkpoint is at update 0)."""
-        c = self.counters
-        return (state.get("step"), state.get("env_steps")) == (c["step"], c["env_steps"])
-
-    def _settle_staged_replay(self) -> None:
-        """A replay.pt.next left by a run killed before its commit: the replay of the checkpoint
-        just loaded (killed after latest.pt was written) is committed, any other dropped."""
-        path = self._replay_path()
-        staged = checkpoint.staged_path(path)
-        if staged.is_file():
-            if self._holds_this_step(checkpoint.peek(staged) or {}):
-                os.replace(staged, path)
-            else:
-                staged.unlink()
-
-    def _replay_source(self) -> tuple[Path, tuple[int, int] | None]:
-        """The replay file to restore and, for a population member resumed alone (no replay.pt
-        of its own), (its index, the members the file holds): its envs' slice of the
-        population's replay."""
-        path = self._replay_path()
-        if path.is_file() or self.world > 1 or self.cfg.population.size > 1:
-            return path, None
-        found = checkpoint.member_replay(self.run_dir)
-        if found is None or not found[0].is_file():
-            return path, None
-        return found[0], found[1:]
 
     def param_summary(self) -> str:
         a = self.agent
@@ -738,35 +604,3 @@ class Trainer:
             f"{a.num_params():,} (world model {count(a.wm) / 1e6:.2f}M, actor "
             f"{count(a.behavior.actor) / 1e6:.2f}M, critic {count(a.behavior.critic) / 1e6:.2f}M)"
         )
-
-
-def _member_slice(state: dict, member: int, members: int) -> dict:
-    """A population replay's state_dict (its (C, members x n) storage is the (C, members, n)
-    ring) cut down to one member's n envs, as a single run's replay holds them."""
-    n = state["num_envs"] // members
-    envs = slice(member * n, (member + 1) * n)
-    data = {k: v[:, envs] for k, v in state["data"].items()}
-    return dict(state, num_envs=n, data=data)
-
-
-def _install_sigterm():
-    """SIGTERM ends the run like Ctrl-C: a final checkpoint is written before exiting. Returns
-    the handlers to put back, as (signal, handler) pairs."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        return [(signal.SIGTERM, signal.signal(signal.SIGTERM, handler))]
-    except ValueError:  # not the main thread: leave signals alone
-        return []
-
-
-class NullLog:
-    """metrics.jsonl of a rank other than 0: rank 0 writes the job's."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -17,7 +17,9 @@ from PIL import Image
 from engine import config as config_module
 from engine import run as cli_main
 from engine.config import load_config
-from engine.trainer import TENSORBOARD_MISSING, HealthError, Trainer, TrainingError
+from engine.health import HealthError, TrainingError
+from engine.logger import TENSORBOARD_MISSING
+from engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = ("train_steps_per_sec", "env_steps_per_sec", "wall_time")

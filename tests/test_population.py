@@ -549,7 +549,8 @@ def test_a_member_resumed_alone_takes_its_envs_from_the_population_replay(tmp_pa
     log.checkpoint_replay its replay is member 1's envs cut out of the population's replay.pt,
     not a refill. The population then refuses to resume over the member trained alone."""
     from engine import checkpoint, population
-    from engine.trainer import Trainer, TrainingError
+    from engine.health import TrainingError
+    from engine.trainer import Trainer
 
     sets = ["population.size=2", "env.image=false", "train.max_train_steps=6",
             "log.checkpoint_replay=true"]  # fmt: skip
@@ -668,8 +669,8 @@ def test_a_rank_settles_its_population_file_on_the_step_every_rank_holds(tmp_pat
     import types
 
     from engine import checkpoint
+    from engine.health import TrainingError
     from engine.population import PopulationTrainer
-    from engine.trainer import TrainingError
 
     path = tmp_path / "population.rank1.pt"
     checkpoint.save(path, {"counters": {"step": 6}})

@@ -130,3 +130,82 @@ def test_a_replay_of_another_size_or_layout_is_refused():
         with pytest.raises(ValueError, match=re.escape(words)):
             dst.load_state_dict(state)
         assert dst.count == 0
+
+
+def _replay(envs: int = 2) -> Replay:
+    return Replay(capacity=envs * 30, num_envs=envs, spec=SPEC, device=torch.device("cpu"))
+
+
+def test_a_replay_file_is_staged_until_its_checkpoint_commits_it(tmp_path):
+    from engine.checkpoint import ReplayFile
+
+    src, file = _replay(), ReplayFile(tmp_path, rank=0)
+    fill(src, 9)
+    file.stage(src.state_dict(), step=3, env_steps=18)
+    assert not file.path.exists() and file.staged.name == "replay.pt.next"
+    file.commit()
+    assert file.path.is_file() and not file.staged.exists()
+    dst = _replay()
+    assert file.restore(dst, 3, 18) == (file.path, None)
+    assert dst.count == 9 and torch.equal(dst.data["t"], src.data["t"])
+    # Rank r's shard has its own file.
+    assert ReplayFile(tmp_path, rank=2).path.name == "replay.rank2.pt"
+
+
+def test_a_replay_file_of_another_checkpoint_is_not_loaded(tmp_path):
+    from engine.checkpoint import ReplayFile
+
+    src, file = _replay(), ReplayFile(tmp_path, rank=0)
+    fill(src, 4)
+    assert file.restore(_replay(), 0, 0)[1] == "no replay.pt beside the checkpoint"
+    file.stage(src.state_dict(), step=5, env_steps=40)
+    file.commit()
+    dst = _replay()
+    # During the bootstrap every checkpoint is at update 0: the env steps tell them apart.
+    why = file.restore(dst, 5, 48)[1]
+    assert why == "replay.pt holds update 5 (env step 40), the checkpoint 5 (48)"
+    assert dst.count == 0
+    assert (
+        file.restore(_replay(envs=3), 5, 40)[1]
+        == "replay.pt does not fit this replay (num_envs 2 != 3)"
+    )
+    file.path.write_bytes(b"not a checkpoint")
+    assert file.restore(dst, 5, 40)[1] == "replay.pt unreadable (RuntimeError)"
+
+
+def test_a_staged_replay_is_committed_only_for_the_checkpoint_just_loaded(tmp_path):
+    """A run killed between latest.pt and the replay's rename: its staged replay belongs to the
+    checkpoint on disk and is committed; one staged for a checkpoint never written is dropped
+    and the committed one of the checkpoint loaded is restored."""
+    from engine.checkpoint import ReplayFile
+
+    file = ReplayFile(tmp_path, rank=0)
+    old, new = _replay(), _replay()
+    fill(old, 3), fill(new, 7)
+    file.stage(old.state_dict(), step=10, env_steps=80)
+    file.commit()
+    file.stage(new.state_dict(), step=20, env_steps=160)
+    dst = _replay()
+    assert file.restore(dst, 20, 160) == (file.path, None)  # killed after latest.pt
+    assert dst.count == 7 and not file.staged.exists()
+    file.stage(old.state_dict(), step=30, env_steps=240)  # killed before latest.pt
+    dst = _replay()
+    assert file.restore(dst, 20, 160) == (file.path, None)
+    assert dst.count == 7 and not file.staged.exists()
+
+
+def test_a_population_member_resumed_alone_restores_its_slice(tmp_path):
+    """A member directory resumed as a single run reads its envs of the population's replay."""
+    from engine.checkpoint import ReplayFile, save
+
+    pop = tmp_path / "pop"
+    save(pop / "checkpoints" / "population.pt", {"config": {"population": {"size": 2}}})
+    both = _replay(envs=4)  # 2 members x 2 envs
+    fill(both, 6)
+    ReplayFile(pop / "checkpoints", 0).stage(both.state_dict(), 4, 24)
+    ReplayFile(pop / "checkpoints", 0).commit()
+    member = pop / "member_01"
+    file, dst = ReplayFile(member / "checkpoints", 0), _replay(envs=2)
+    assert file.restore(dst, 4, 24) == (file.path, "no replay.pt beside the checkpoint")
+    assert file.restore(dst, 4, 24, member_dir=member) == (pop / "checkpoints" / "replay.pt", None)
+    assert torch.equal(dst.data["env"][:6], both.data["env"][:6, 2:])
