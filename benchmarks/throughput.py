@@ -141,7 +141,7 @@ def measure(
     num_actions, vector_dim = (2, 4) if cfg.env.name == "CartPole-v1" else (4, 8)
     torch.manual_seed(0)
     if population > 1:
-        from engine.population import PopulationAgent, population_options
+        from engine.population_agent import PopulationAgent, population_options
 
         opts, dropped = population_options(opts)
         notices += dropped

@@ -347,7 +347,7 @@ def test_padded_policy_rows_play_the_same_episodes(monkeypatch, members):
     The envs' episodes are those of the unpadded batch."""
     from engine.config import member_configs
     from engine.fast import FastOptions
-    from engine.population import PopulationAgent
+    from engine.population_agent import PopulationAgent
 
     cfg = load_config("configs/tiny.toml", [f"population.size={members}"])
     torch.manual_seed(0)

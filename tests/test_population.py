@@ -15,7 +15,7 @@ from engine import dists, fast
 from engine.agent import Agent
 from engine.config import SWITCH_KEYS, load_config, member_configs
 from engine.fast import FastOptions
-from engine.population import MEMBER_CALLS, PopulationAgent
+from engine.population_agent import MEMBER_CALLS, PopulationAgent
 from engine.replay import Replay, transition_spec
 from tests.helpers import kill_when, run_module, run_until_killed
 
