@@ -38,30 +38,36 @@ def free_memory(device: torch.device) -> int:
     return 0
 
 
-# Below this d_hidden a CPU update runs faster on one intra-op thread than on several: its ops
-# are too small to split (each parallel region wakes sleeping OpenMP threads), and the other
-# cores step the envs meanwhile. Measured alone on the 2-core CPU, one thread against two
+# Below this width (d_hidden, times the members of a population, whose ops are K members' at
+# once) a CPU update runs faster on one intra-op thread than on several: its ops are too small to
+# split (each parallel region wakes sleeping OpenMP threads), and the other cores step the envs
+# meanwhile. Measured alone on the 2-core CPU, one thread against two
 # (benchmarks/results/cpu_threads_2026-12-05): lunarlander_d64 8x16 compiled bf16 183.4 and
 # 190.3 ms per update against 293.4 and 303.6, eager 266.3 and 292.5 against 338.8 and 351.7;
 # cartpole_d256 8x25 is faster on two, 893.9 against 994.5 ms compiled, 1,374.1 against
 # 1,878.0 eager. d_hidden 128 (lunarlander_d64 with d_hidden=128) is faster on one thread
 # compiled, 293.7 and 295.5 against 426.2 and 375.0 ms; eager it is a draw (475.9 and 519.5
-# against 472.3 and 480.2).
+# against 472.3 and 480.2). Populations of cartpole_d64 8x16, compiled bf16
+# (benchmarks/results/population_cpu_2026-12-06): one agent 127.8 ms on one thread against
+# 160.8 on two, K = 2 249.1 against 265.8, K = 4 517.7 against 437.3, K = 8 996.7 against 846.4.
 ONE_THREAD_BELOW = 256
 
 
 def choose_threads(cfg: Config, device: torch.device) -> tuple[int, str]:
     """torch's intra-op threads for a run on `device`: (the count to set, 0 to leave torch's
     default; why). general.threads when set; else OMP_NUM_THREADS when the environment sets it
-    (engine.sweep --parallel and torchrun do); else, on a CPU, one thread for a model below
-    ONE_THREAD_BELOW; else torch's default, one per core."""
+    (engine.sweep --parallel and torchrun do); else, on a CPU, one thread for a model whose
+    d_hidden x population.size is below ONE_THREAD_BELOW; else torch's default, one per core."""
     if cfg.general.threads:
         return cfg.general.threads, "general.threads"
     if os.environ.get("OMP_NUM_THREADS"):
         return 0, "OMP_NUM_THREADS"
-    d = cfg.models.d_hidden
-    if device.type == "cpu" and d < ONE_THREAD_BELOW:
-        return 1, f"auto: d_hidden {d} < {ONE_THREAD_BELOW} updates faster on one"
+    d, k = cfg.models.d_hidden, cfg.population.size
+    if device.type == "cpu" and d * k < ONE_THREAD_BELOW:
+        width = f"d_hidden {d}" if k == 1 else f"d_hidden {d} x {k} members = {d * k}"
+        return 1, f"auto: {width} < {ONE_THREAD_BELOW} updates faster on one"
+    if device.type == "cpu" and k > 1 and d < ONE_THREAD_BELOW:
+        return 0, f"auto: d_hidden {d} x {k} members = {d * k} >= {ONE_THREAD_BELOW}, all available"
     return 0, "all available"
 
 

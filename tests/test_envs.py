@@ -303,8 +303,9 @@ def test_importing_engine_sets_a_passive_openmp_wait_unless_given(given):
 
 
 def test_intra_op_threads_auto_pick_one_for_a_small_model_on_a_cpu(monkeypatch):
-    """general.threads = 0: OMP_NUM_THREADS when set, one thread below d_hidden 256 on a CPU
-    (measured faster there), torch's default for d256 and on CUDA; a set count always wins."""
+    """general.threads = 0: OMP_NUM_THREADS when set, one thread on a CPU below d_hidden x
+    population size 256 (measured faster there), torch's default above it and on CUDA; a set
+    count always wins."""
     import torch
 
     from engine.config import load_config
@@ -319,6 +320,17 @@ def test_intra_op_threads_auto_pick_one_for_a_small_model_on_a_cpu(monkeypatch):
     assert choose_threads(d256, cpu) == (0, "all available")
     assert choose_threads(d64, cuda) == (0, "all available")
     assert choose_threads(two, cpu) == (2, "general.threads")
+    # A population's ops are its K members' at once: d_hidden x K is the width that decides.
+    pop = lambda k: load_config("configs/cartpole_d64.toml", [f"population.size={k}"])  # noqa: E731
+    assert choose_threads(pop(2), cpu) == (
+        1,
+        "auto: d_hidden 64 x 2 members = 128 < 256 updates faster on one",
+    )
+    assert choose_threads(pop(4), cpu) == (
+        0,
+        "auto: d_hidden 64 x 4 members = 256 >= 256, all available",
+    )
+    assert choose_threads(pop(8), cuda) == (0, "all available")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # engine.sweep --parallel, torchrun
     assert choose_threads(d64, cpu) == (0, "OMP_NUM_THREADS")
     assert choose_threads(two, cpu) == (2, "general.threads")
