@@ -51,7 +51,8 @@ def stop_signals(handler: Callable, signals: tuple[int, ...]) -> Iterator[None]:
         yield
     finally:
         for sig, old in previous:
-            signal.signal(sig, old)
+            if old is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(sig, old)
 
 
 def interrupt(signum, frame) -> None:
