@@ -104,8 +104,7 @@ def world_size_mismatch(path: Path, world: int) -> str | None:
     resumes with the world size that wrote it (each rank's replay shard and envs belong to its
     rank); a missing or unreadable one is left to the restore to report."""
     state = peek(path)
-    saved = 1 if state is None else state.get("world_size", 1)
-    if state is None or saved == world:
+    if state is None or (saved := state.get("world_size", 1)) == world:
         return None
     how = f"torchrun --nproc_per_node {saved}" if saved > 1 else "one process (no torchrun)"
     return (

@@ -63,12 +63,12 @@ def choose_threads(cfg: Config, device: torch.device) -> tuple[int, str]:
     if os.environ.get("OMP_NUM_THREADS"):
         return 0, "OMP_NUM_THREADS"
     d, k = cfg.models.d_hidden, cfg.population.size
-    if device.type == "cpu" and d * k < ONE_THREAD_BELOW:
-        width = f"d_hidden {d}" if k == 1 else f"d_hidden {d} x {k} members = {d * k}"
+    if device.type != "cpu" or d >= ONE_THREAD_BELOW:
+        return 0, "all available"
+    width = f"d_hidden {d}" if k == 1 else f"d_hidden {d} x {k} members = {d * k}"
+    if d * k < ONE_THREAD_BELOW:
         return 1, f"auto: {width} < {ONE_THREAD_BELOW} updates faster on one"
-    if device.type == "cpu" and k > 1 and d < ONE_THREAD_BELOW:
-        return 0, f"auto: d_hidden {d} x {k} members = {d * k} >= {ONE_THREAD_BELOW}, all available"
-    return 0, "all available"
+    return 0, f"auto: {width} >= {ONE_THREAD_BELOW}, all available"
 
 
 def set_threads(cfg: Config, device: torch.device) -> str:

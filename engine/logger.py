@@ -53,8 +53,7 @@ class Meter:
     that reading them (`means`) is the one host sync per line, and the update and env-step rates
     over the same stretch (`rates`)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self):
         self.sums: dict[str, tuple[Tensor, int]] = {}
         self.since = (time.perf_counter(), 0, 0)
 
@@ -65,9 +64,14 @@ class Meter:
         self.since = (time.perf_counter(), step, env_steps)
 
     def add(self, metrics: dict[str, Tensor]) -> None:
+        """Adds one update's metrics in place: no tensor allocated per update once a metric has
+        its sum (the first is a copy: a CUDA graph's outputs are overwritten by its next replay)."""
         for k, v in metrics.items():
-            total, count = self.sums.get(k, (torch.zeros((), device=self.device), 0))
-            self.sums[k] = (total + v.detach().float(), count + 1)
+            if k in self.sums:
+                total, count = self.sums[k]
+                self.sums[k] = (total.add_(v.detach()), count + 1)
+            else:
+                self.sums[k] = (v.detach().float().clone(), 1)
 
     def means(self) -> dict[str, Any]:
         """Each metric's mean over the updates (a list per member for a population's (K,)

@@ -178,7 +178,7 @@ class Trainer:
             self.progress.write,
             members=k,
         )
-        self.meter = Meter(self.device)  # the metrics and rates of the current log interval
+        self.meter = Meter()  # the metrics and rates of the current log interval
         trace = run_dir / "trace.json" if cfg.general.trace else None
         self.window = ProfileWindow(profile_window(cfg.general.profile), trace)
         self.last_return = float("nan")

@@ -14,7 +14,7 @@ from engine.logger import Meter, MetricsLog
 def test_meter_means_each_metric_over_its_updates_and_rates_close_the_interval(monkeypatch):
     clock = iter([0.0, 100.0, 104.0, 110.0])  # built, started, two lines
     monkeypatch.setattr("engine.logger.time.perf_counter", lambda: next(clock))
-    meter = Meter(torch.device("cpu"))
+    meter = Meter()
     assert not meter
     meter.start(step=10, env_steps=320)
     meter.add({"loss": torch.tensor(1.0), "actor_loss": torch.tensor(4.0)})
@@ -80,7 +80,7 @@ def test_stop_signals_put_the_previous_handler_back_after_an_exception():
 
 
 def test_a_population_meter_means_each_member_apart():
-    meter = Meter(torch.device("cpu"))
+    meter = Meter()
     meter.add({"wm_loss": torch.tensor([1.0, 4.0]), "dream_value": torch.tensor([0.0, 2.0])})
     meter.add({"wm_loss": torch.tensor([3.0, 0.0]), "dream_value": torch.tensor([2.0, 2.0])})
     assert meter.means() == {"wm_loss": [2.0, 2.0], "dream_value": [1.0, 2.0]}
